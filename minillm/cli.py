@@ -10,9 +10,15 @@ dataclasses' fields and types; an unknown key is an error suggesting the closest
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .config import PRESETS, ModelConfig, split_overrides
+
+# Modules that define further commands. Each has `add_parser(sub)`, which adds its subparser and
+# sets `func(args, overrides) -> exit code`; the code of a command lives beside what it runs.
+COMMAND_MODULES: list[str] = [
+]
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -66,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="gpt2", choices=sorted(PRESETS), help="model preset (default: gpt2)")
     p.set_defaults(func=cmd_info)
 
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 
