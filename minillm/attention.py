@@ -58,20 +58,21 @@ def scaled_dot_product_attention(
 
     Returns the output (B, H, Tq, D) and, with `return_lse`, the log-sum-exp of each row of scores
     (B, H, Tq) — the one number per row a fused kernel saves to recompute the softmax in backward.
-    A row with every key masked (a padding query) attends uniformly instead of producing NaN.
+    A row with every key masked (a padding query) gets zeros (and lse = -inf), as PyTorch's SDPA
+    and FlashAttention do, rather than NaN.
     """
     Tq, Tk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
     mask = build_mask(Tq, Tk, causal, key_padding_mask, q.device)
     if mask is not None:
-        # a very negative number rather than -inf: exp() of it is 0, and a fully masked row stays finite
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: masked keys get no weight
     # numerically stable softmax: subtract the row max before exp (softmax is shift-invariant)
     row_max = scores.amax(dim=-1, keepdim=True)  # (B, H, Tq, 1)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)  # all-masked row
     exp = torch.exp(scores - row_max)
     row_sum = exp.sum(dim=-1, keepdim=True)
-    probs = exp / row_sum  # (B, H, Tq, Tk)
+    probs = exp / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)  # (B, H, Tq, Tk)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     out = probs @ v  # (B, H, Tq, D)

@@ -1,0 +1,140 @@
+"""Properties that teach: causality, padding invariance, KV cache = no cache, gradients, learning."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from minillm import CausalLM, MaskedLM, ModelConfig, build_model, count_parameters
+from minillm.losses import next_token_targets
+
+SMALL = dict(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=50)
+VARIANTS = {
+    "sinusoidal-gelu": dict(),
+    "learned-gelu_tanh": dict(positional="learned", activation="gelu_tanh"),
+    "rotary-swiglu-rms": dict(positional="rotary", activation="swiglu", norm="rmsnorm", bias=False,
+                              tie_weights=False),
+    "none-relu-postnorm": dict(positional="none", activation="relu", prenorm=False),
+}
+
+
+def small(**kw):
+    return ModelConfig(**{**SMALL, **kw})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causality(variant):
+    torch.manual_seed(0)
+    model = CausalLM(small(**VARIANTS[variant])).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    logits, _ = model(idx)
+    t = 9
+    changed = idx.clone()
+    changed[:, t + 1:] = (changed[:, t + 1:] + 1) % 50  # change every token after t
+    logits2, _ = model(changed)
+    assert_close(logits2[:, : t + 1], logits[:, : t + 1])
+    assert not torch.allclose(logits2[:, t + 1:], logits[:, t + 1:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kv_cache_equals_full_forward(variant):
+    torch.manual_seed(0)
+    model = CausalLM(small(**VARIANTS[variant])).eval()
+    idx = torch.randint(0, 50, (2, 20))
+    full, _ = model(idx)
+    cache = model.new_cache(batch_size=2)
+    steps = [model(idx[:, :11], cache=cache)[0]]  # prefill, then one token at a time
+    steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(11, 20)]
+    assert cache.length == 20
+    assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["naive", "sdpa"])
+def test_implementations_agree(attention):
+    torch.manual_seed(0)
+    ref = CausalLM(small(positional="rotary")).eval()
+    other = CausalLM(small(positional="rotary", attention=attention)).eval()
+    other.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 50, (2, 12))
+    assert_close(other(idx)[0], ref(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_mlm_padding_never_changes_real_tokens():
+    torch.manual_seed(0)
+    cfg = small(causal=False, prenorm=False, positional="learned", n_token_types=2, embed_norm=True)
+    model = MaskedLM(cfg).eval()
+    idx = torch.randint(0, 50, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 8:] = False  # row 1: 8 real tokens, then padding
+    logits, _ = model(idx, attention_mask=mask)
+    junk = idx.clone()
+    junk[1, 8:] = (junk[1, 8:] + 7) % 50  # different padding ids
+    logits2, _ = model(junk, attention_mask=mask)
+    assert_close(logits2[1, :8], logits[1, :8])
+    alone, _ = model(idx[1:, :8])  # the same row with no padding at all
+    assert_close(alone[0], logits[1, :8], atol=1e-5, rtol=1e-5)
+    # and the encoder is bidirectional: a later token does change an earlier logit
+    later = idx.clone()
+    later[0, 10] = (later[0, 10] + 1) % 50
+    assert not torch.allclose(model(later, attention_mask=mask)[0][0, 0], logits[0, 0])
+
+
+@pytest.mark.parametrize("cfg", [small(dropout=0.0), small(causal=False, prenorm=False, n_token_types=2,
+                                                               embed_norm=True)])
+def test_gradients_reach_every_parameter_and_loss_drops(cfg):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    idx = torch.randint(0, 50, (4, 16))
+    targets = next_token_targets(idx) if cfg.causal else torch.where(torch.rand(4, 16) < 0.3, idx, -100)
+    inputs = idx if cfg.causal else torch.where(targets != -100, 0, idx)
+    _, loss = model(inputs, targets)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = loss.item()
+    for _ in range(40):
+        opt.zero_grad()
+        _, loss = model(inputs, targets)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_gpt2_preset_size_and_init():
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("gpt2", n_layer=2)  # init statistics do not need all 12 layers
+    model = CausalLM(cfg)
+    assert model.lm_head.weight is model.transformer.tok_emb.weight
+    std = model.transformer.blocks[0].attn.proj.weight.std().item()
+    assert abs(std - 0.02 / (2 * 2) ** 0.5) < 1e-3  # residual projection: 0.02/sqrt(2·n_layer)
+    assert abs(model.transformer.blocks[0].attn.qkv.weight.std().item() - 0.02) < 1e-3
+    with torch.device("meta"):
+        full = CausalLM(ModelConfig.from_preset("gpt2"))
+    assert count_parameters(full) == 124_439_808  # GPT-2 small with its 50257-token vocabulary
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(n_embd=30, n_head=4), "n_embd=30 is not divisible by n_head=4"),
+    (dict(n_embd=12, n_head=4, positional="rotary"), "head dim must be even"),
+    (dict(activation="gleu"), "did you mean 'gelu'"),
+    (dict(n_layer=0), "n_layer must be positive"),
+    (dict(dropout=1.5), "dropout must be in [0, 1)"),
+    (dict(attention="flash"), "is not one of naive, sdpa, triton"),
+])
+def test_bad_config_names_the_field(bad, message):
+    with pytest.raises(ValueError, match=None) as e:
+        small(**bad)
+    assert message in str(e.value)
+
+
+def test_model_kind_must_match_config():
+    with pytest.raises(ValueError, match="causal=True"):
+        CausalLM(small(causal=False))
+    with pytest.raises(ValueError, match="causal=False"):
+        MaskedLM(small())
+
+
+def test_too_long_input_is_a_clear_error():
+    model = CausalLM(small())
+    with pytest.raises(ValueError, match="block_size=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
