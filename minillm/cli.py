@@ -18,6 +18,7 @@ from .config import PRESETS, ModelConfig, split_overrides
 # Modules that define further commands. Each has `add_parser(sub)`, which adds its subparser and
 # sets `func(args, overrides) -> exit code`; the code of a command lives beside what it runs.
 COMMAND_MODULES: list[str] = [
+    "minillm.data",
 ]
 
 
