@@ -19,6 +19,8 @@ from .config import PRESETS, ModelConfig, split_overrides
 # sets `func(args, overrides) -> exit code`; the code of a command lives beside what it runs.
 COMMAND_MODULES: list[str] = [
     "minillm.data",
+    "minillm.report",
+    "minillm.cloud",
 ]
 
 
