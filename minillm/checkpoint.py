@@ -78,6 +78,9 @@ def load_model(out_dir: str | Path, device: str | torch.device = "cpu", **config
     """
     out_dir = Path(out_dir)
     meta = read_config(out_dir)
+    if "quantization" in meta:
+        raise ValueError(f"{out_dir} holds a quantized model ({meta['quantization']}); "
+                         "load it with minillm.quant_io.load_quantized")
     cfg = ModelConfig(**{**meta["model"], **config_overrides})
     model = build_model(cfg)
     st_load_model(model, str(out_dir / MODEL_FILE), device=str(device))

@@ -126,7 +126,7 @@ class CausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         cfg = self.cfg
-        p = self.lm_head.weight
+        p = self.transformer.tok_emb.weight  # a float parameter even when linear layers are quantized
         return KVCache(cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.block_size, cfg.head_dim,
                        device=device or p.device, dtype=dtype or p.dtype)
 
