@@ -21,6 +21,8 @@ COMMAND_MODULES: list[str] = [
     "minillm.data",
     "minillm.report",
     "minillm.cloud",
+    "minillm.train_cli",
+    "minillm.generate",
 ]
 
 

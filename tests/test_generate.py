@@ -1,0 +1,149 @@
+"""Generation: the KV cache changes the cost, never the tokens; padding, filters, stops, cropping."""
+
+import pytest
+import torch
+
+from minillm.config import ModelConfig
+from minillm.generate import (generate, generate_text, left_pad, sample_next, top_k_filter,
+                              top_p_filter)
+from minillm.model import CausalLM, MaskedLM
+from minillm.tokenizer import CharTokenizer
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # these models are tiny: intra-op threads only add synchronisation (and thrash a shared CPU)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TEXT = "the quick brown fox jumps over the lazy dog. THE END!\n"
+
+
+def tiny_model(positional="sinusoidal", block_size=32, vocab_size=40, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
+                      positional=positional)
+    # a random model's logits are nearly flat; scale the head so greedy decisions are not near-ties
+    model = CausalLM(cfg).eval()
+    with torch.no_grad():
+        model.transformer.tok_emb.weight.mul_(20)
+    return model
+
+
+def prompt(B=2, T=7, vocab_size=40, seed=1):
+    return torch.randint(0, vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned", "rotary"])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, None, None), (1.0, None, None), (0.8, 10, 0.9)])
+def test_cached_equals_uncached(positional, temperature, top_k, top_p):
+    model = tiny_model(positional)
+    idx = prompt()
+    outs = []
+    for use_cache in (True, False):
+        g = torch.Generator().manual_seed(123)
+        outs.append(generate(model, idx, 20, temperature, top_k, top_p, use_cache=use_cache, generator=g))
+    assert outs[0].shape == (2, 7 + 20)
+    assert torch.equal(outs[0][:, :7], idx)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_past_block_size_window_slides():
+    model = tiny_model(block_size=16)
+    idx = prompt(T=10)
+    cached = generate(model, idx, 30, temperature=0.0, use_cache=True)
+    uncached = generate(model, idx, 30, temperature=0.0, use_cache=False)
+    assert cached.shape == (2, 40)
+    assert torch.equal(cached, uncached)
+
+
+def test_long_prompt_is_cropped_to_block_size():
+    model = tiny_model(block_size=16)
+    idx = prompt(T=40)
+    full = generate(model, idx, 8, temperature=0.0)
+    cropped = generate(model, idx[:, -16:], 8, temperature=0.0)
+    assert full.shape == (2, 48)
+    assert torch.equal(full[:, 40:], cropped[:, 16:])
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned", "rotary"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_batch_equals_each_prompt_alone(positional, use_cache):
+    model = tiny_model(positional)
+    rows = [prompt(1, T, seed=T)[0].tolist() for T in (3, 9, 6)]
+    idx, mask = left_pad(rows, pad_id=5)
+    assert mask.sum(1).tolist() == [3, 9, 6] and mask[:, -1].all()
+    batched = generate(model, idx, 12, temperature=0.0, use_cache=use_cache, key_padding_mask=mask)
+    for i, r in enumerate(rows):
+        alone = generate(model, torch.tensor([r]), 12, temperature=0.0, use_cache=use_cache)
+        assert batched[i, -12:].tolist() == alone[0, -12:].tolist()
+
+
+def test_right_padding_is_refused():
+    model = tiny_model()
+    idx = prompt(T=4)
+    mask = torch.tensor([[True, True, True, False], [True] * 4])
+    with pytest.raises(ValueError, match="LEFT"):
+        generate(model, idx, 2, key_padding_mask=mask)
+
+
+def test_top_k_filter_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, -2.0, 4.0], [0.0, 0.1, 0.2, 0.3, 0.4]])
+    out = top_k_filter(logits, 2)
+    kept = torch.isfinite(out)
+    assert kept.tolist() == [[False, True, False, False, True], [False, False, False, True, True]]
+    torch.testing.assert_close(out[kept], logits[kept])  # kept logits are unchanged
+    assert torch.isfinite(top_k_filter(logits, 100)).all()  # k larger than V keeps everything
+
+
+@pytest.mark.parametrize("p,expected", [(0.4, [0]), (0.7, [0, 1]), (0.85, [0, 1, 2]), (1.0, [0, 1, 2, 3])])
+def test_top_p_filter_keeps_the_smallest_nucleus(p, expected):
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    order = torch.tensor([2, 0, 3, 1])  # shuffle the vocabulary so sorting is exercised
+    logits = probs.log()[:, order]
+    kept = torch.isfinite(top_p_filter(logits, p))[0]
+    assert sorted(order[kept].tolist()) == expected
+
+
+def test_sampling_respects_filters_and_greedy():
+    logits = torch.tensor([[0.0, 2.0, 1.0, 3.0]]).repeat(500, 1)
+    g = torch.Generator().manual_seed(0)
+    picks = sample_next(logits, temperature=1.0, top_k=2, generator=g)
+    assert set(picks.tolist()) == {1, 3}
+    assert sample_next(logits[:1], temperature=0.0).item() == 3
+    assert sample_next(logits[:1], temperature=1.0, top_k=1, generator=g).item() == 3
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next(logits, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next(logits, top_p=0.0)
+
+
+def test_stop_strings_and_streaming():
+    tok = CharTokenizer.from_text(TEXT)
+    model = tiny_model(vocab_size=tok.vocab_size, block_size=64)
+    [free] = generate_text(model, tok, ["the "], 40, temperature=0.0)
+    assert len(free) == 40
+    stop = free[10:13]  # a string the greedy continuation is known to produce
+    pieces = []
+    [stopped] = generate_text(model, tok, ["the "], 40, temperature=0.0, stop=[stop, "never-seen"],
+                              stream=lambda i, piece: pieces.append(piece))
+    assert stopped == free[: free.index(stop)]
+    assert "".join(pieces) == stopped  # the stream never shows the stop string or anything after it
+
+
+def test_generate_text_batch_of_prompts_matches_single():
+    tok = CharTokenizer.from_text(TEXT)
+    model = tiny_model(vocab_size=tok.vocab_size, block_size=64)
+    prompts = ["a", "the lazy dog", "fox "]
+    batch = generate_text(model, tok, prompts, 15, temperature=0.0)
+    assert batch == [generate_text(model, tok, [p], 15, temperature=0.0)[0] for p in prompts]
+
+
+def test_masked_lm_cannot_generate():
+    cfg = ModelConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16, causal=False)
+    with pytest.raises(ValueError, match="causal"):
+        generate(MaskedLM(cfg), prompt(T=3, vocab_size=20), 2)
