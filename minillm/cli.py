@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "minillm.cloud",
     "minillm.train_cli",
     "minillm.generate",
+    "minillm.quant_io",
 ]
 
 
