@@ -24,6 +24,8 @@ COMMAND_MODULES: list[str] = [
     "minillm.train_cli",
     "minillm.generate",
     "minillm.quant_io",
+    "minillm.serve",
+    "minillm.export",
 ]
 
 
