@@ -19,13 +19,13 @@ from .config import PRESETS, ModelConfig, split_overrides
 # sets `func(args, overrides) -> exit code`; the code of a command lives beside what it runs.
 COMMAND_MODULES: list[str] = [
     "minillm.data",
-    "minillm.report",
-    "minillm.cloud",
     "minillm.train_cli",
     "minillm.generate",
     "minillm.quant_io",
-    "minillm.serve",
     "minillm.export",
+    "minillm.serve",
+    "minillm.report",
+    "minillm.cloud",
 ]
 
 

@@ -72,14 +72,15 @@ class MetricsLog:
 def plot_losses(records: list[dict], path: str | Path, title: str = "") -> Path:
     """Training loss (every logged step) and train/val loss at each evaluation, on one axis."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only: no display needed (servers, CI)
-        import matplotlib.pyplot as plt
+        # a bare Figure draws straight to a file: no pyplot, so no global backend switch that would
+        # stop a notebook's own figures from showing, and no display needed (servers, CI)
+        from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError("the loss plot needs matplotlib: pip install matplotlib") from e
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
     evals = [r for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    fig = Figure(figsize=(7, 4.2), dpi=100)
+    ax = fig.subplots()
     fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.12)  # fixed: tight_layout costs a draw
     if train:
         ax.plot(*zip(*train), lw=0.8, alpha=0.6, color="tab:blue", label="train loss (batch)")
@@ -99,6 +100,5 @@ def plot_losses(records: list[dict], path: str | Path, title: str = "") -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
     tmp.replace(path)  # atomic, like the checkpoint files
     return path

@@ -138,3 +138,17 @@ def test_too_long_input_is_a_clear_error():
     model = CausalLM(small())
     with pytest.raises(ValueError, match="block_size=32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned", "rotary"])
+def test_token_embeddings_scaled_by_sqrt_c_only_with_sinusoids(positional):
+    torch.manual_seed(0)
+    model = CausalLM(small(positional=positional)).eval()
+    seen = {}
+    model.transformer.blocks[0].register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    idx = torch.randint(0, 50, (1, 6))
+    model(idx)
+    tokens = model.transformer.tok_emb(idx)
+    scale = 32 ** 0.5 if positional == "sinusoidal" else 1.0  # "Attention Is All You Need" §3.4
+    pos = model.transformer.pos_emb(torch.arange(6)) if positional != "rotary" else 0.0
+    assert_close(seen["x"], tokens * scale + pos)
