@@ -15,6 +15,7 @@ needed, and a stale `python3` kernelspec in ~/.local/share/jupyter cannot hijack
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,8 +74,11 @@ def test_notebook_runs(path, tmp_path):
         timeout=CELL_TIMEOUT_S,
         resources={"metadata": {"path": str(tmp_path)}},  # the kernel's working directory
     )
+    # One BLAS/OpenMP thread: the notebooks use tiny shapes, where a second thread gains little, and
+    # on a shared CI box two spinning threads per process can make a cell 10x slower.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    client.execute()  # raises CellExecutionError naming the cell and the traceback
+    client.execute(env=env)  # raises CellExecutionError naming the cell and the traceback
     elapsed = time.perf_counter() - start
     # a figure in every notebook: plots are the point of the course
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
