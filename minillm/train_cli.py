@@ -128,7 +128,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--preset", default="python-docs-char", choices=choices, metavar="NAME",
                    help="model preset or training recipe (default: python-docs-char, the tiny preset with "
-                        f"learned positions on python-docs): {', '.join(choices)}")
+                        f"sinusoidal positions on python-docs): {', '.join(choices)}")
     p.add_argument("--data", default=None,
                    help="python-docs (default, offline), shakespeare (downloaded once), or a .txt file/folder")
     p.add_argument("--sample_tokens", type=int, default=300,
