@@ -11,13 +11,7 @@ from minillm.tokenizer import CharTokenizer
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these models are tiny: intra-op threads only add synchronisation (and thrash a shared CPU)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 TEXT = "the quick brown fox jumps over the lazy dog. THE END!\n"

@@ -20,13 +20,7 @@ TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the 
         "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: intra-op threads only add synchronisation (and thrash a shared CPU)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture
