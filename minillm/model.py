@@ -77,7 +77,9 @@ class Transformer(nn.Module):
                 raise ValueError(f"{start + T} tokens are more than block_size={self.cfg.block_size}; "
                                  "crop the input to the last block_size tokens")
             positions = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.tok_emb(idx) * self.embed_scale  # (B, T, C)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.embed_scale != 1.0:  # (skip a multiply by 1: an extra pass over x in every step)
+            x = x * self.embed_scale
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         if self.type_emb is not None:
