@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(stray)} (options are --key=value)")
     try:
         return args.func(args, overrides) or 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        # bad input, a missing file, or an optional extra not installed: the message says what to do
         print(f"minillm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

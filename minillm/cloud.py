@@ -86,9 +86,9 @@ def build_bench_tasks(gpus: list[tuple[str, int]], run_id: str, bucket: str | No
 
     Without a bucket, the YAML's bucket mount is dropped (results come back through the job log).
     """
+    sky = _import_sky()  # first: without SkyPilot, say what to install
     import yaml  # PyYAML comes with SkyPilot
 
-    sky = _import_sky()
     yaml_path = Path(yaml_path or REPO_ROOT / "sky" / "bench.yaml")
     if not yaml_path.is_file():
         raise FileNotFoundError(f"{yaml_path} not found: run from a checkout of the minillm "

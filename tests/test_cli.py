@@ -25,3 +25,15 @@ def test_info_override_and_unknown_key(capsys):
 def test_console_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "minillm.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "info" in out.stdout
+
+
+def test_missing_optional_extra_is_a_message_not_a_traceback(capsys, monkeypatch):
+    import minillm.cli as cli
+
+    def needs_extra(args, overrides):
+        """A command whose optional dependency is not installed."""
+        raise ImportError("minillm serve needs uvicorn: pip install 'minillm[serve]'")
+
+    monkeypatch.setattr(cli, "cmd_info", needs_extra)  # stands in for a command whose extra is missing
+    assert main(["info"]) == 2
+    assert "pip install 'minillm[serve]'" in capsys.readouterr().err
