@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark suites: device facts, peak FLOP/s, timing that synchronizes.
 
 Every suite records the same `extra_info` keys (device, torch, triton, ...) so that
-`minillm bench report` can line up results from different machines:
+`python -m bench.report` can line up results from different machines:
 
     def test_matmul(benchmark, N):
         a = torch.randn(N, N, device=device())
@@ -21,44 +21,11 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 
 import torch
 
-# Dense (no 2:4 sparsity) bf16 tensor-core peak, TFLOP/s, the denominator of MFU. Datasheets quote
-# the sparse figure first; the dense one is half of it. T4 (Turing) has no bf16: its fp16 peak.
-# Matching is by substring of torch.cuda.get_device_name(), longest key first, so "H100 PCIe" wins
-# over "H100", "A100" is never read as "A10", and "L40S" is never read as "L4".
-# Sources (checked 2026):
-#   H100 SXM 989 / PCIe 756 / NVL 835: NVIDIA H100 datasheet, "BF16 Tensor Core 1,979* | 1,513* |
-#     1,671* TFLOPS, *with sparsity" — https://www.nvidia.com/en-us/data-center/h100/ (SXM/PCIe
-#     table mirrored at https://archive-lib.hpctech.co.jp/gpuproduct/nvidia-h100.html)
-#   H200 SXM 989 / NVL 835: NVIDIA H200 datasheet (1,979* | 1,671* with sparsity) —
-#     https://www.nvidia.com/en-us/data-center/h200/
-#   A100 312 (SXM and PCIe alike): NVIDIA A100 datasheet "BF16 Tensor Core 312 | 624*" —
-#     https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet.pdf
-#   L4 121: NVIDIA L4 datasheet "BF16 Tensor Core 242* TFLOPS" with sparsity —
-#     https://resources.nvidia.com/en-us-data-center-overview/l4-gpu-datasheet
-#   L40S 362: NVIDIA L40S datasheet "BF16 Tensor Core 362 | 733*".
-#   A10 125: NVIDIA A10 datasheet "BF16 Tensor Core 125 | 250*".
-#   A10G 70: AWS's variant of the A10 (G5 instances) is not on an NVIDIA datasheet; it has more SMs
-#     (80, FP32 35 TFLOPS) but tensor cores at half the A10's rate: 70 TFLOP/s bf16 dense, per
-#     https://www.baseten.co/blog/nvidia-a10-vs-a10g-for-ml-model-inference/ . Using the A10's 125
-#     here would understate an A10G's MFU by 1.8x.
-#   T4 65: NVIDIA T4 datasheet "Mixed Precision (FP16/FP32) 65 TFLOPS" —
-#     https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/tesla-t4/t4-tensor-core-datasheet-951643.pdf
-PEAK_TFLOPS_BF16 = {
-    "H200 NVL": 835.0,
-    "H200": 989.0,
-    "H100 NVL": 835.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,  # SXM (torch names it "NVIDIA H100 80GB HBM3")
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10G": 70.0,
-    "A10": 125.0,
-    "T4": 65.0,
-}
+from minillm.hardware import gpu_spec
 
 # The two sizes a suite knows. bench/conftest.py may overwrite SIZE from the pytest command line
 # before any suite is collected, so suites read it at collection time (or call `pick`).
@@ -85,15 +52,35 @@ def device_name() -> str:
 
 
 def peak_tflops(name: str | None = None) -> float | None:
-    """Dense bf16 datasheet peak for the current (or named) GPU; None when unknown or a CPU
-    (a CPU has no tensor-core peak worth quoting, so no MFU is reported there)."""
+    """Dense bf16 datasheet peak for the current (or named) GPU, from minillm.hardware.GPU_SPECS
+    (the table training's MFU uses too); None when unknown or a CPU."""
     name = name or device_name()
-    if name.startswith("CPU"):
-        return None
-    for key in sorted(PEAK_TFLOPS_BF16, key=len, reverse=True):
-        if key in name:
-            return PEAK_TFLOPS_BF16[key]
-    return None
+    spec = None if name.startswith("CPU") else gpu_spec(name)
+    return spec.bf16_tflops if spec else None
+
+
+def peak_bandwidth_gbs(name: str | None = None) -> float | None:
+    """Datasheet memory bandwidth in GB/s for the current (or named) GPU; None when unknown or a CPU."""
+    name = name or device_name()
+    spec = None if name.startswith("CPU") else gpu_spec(name)
+    return spec.bandwidth_tbs * 1e3 if spec else None
+
+
+def run_command(parser, argv: list[str] | None = None) -> int:
+    """The `python -m bench.<tool>` entry: parse, run args.func(args), turn bad input into one line.
+
+    Bad input (a missing file, a wrong value, an optional extra not installed) prints
+    `prog: error: message` and returns 2, as the `minillm` command does; an unknown option names itself.
+    """
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        print(f"{parser.prog}: error: unknown option {rest[0].split('=')[0]} (see --help)", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def versions() -> dict:

@@ -9,7 +9,7 @@ Recipes (nanoGPT's config/train_shakespeare_char.py and its README's CPU variant
     gpu  the baby GPT: 6/6/384, block 256, batch 64, 5000 iters, dropout 0.2, eval_iters 200.
                                                            nanoGPT: best val loss ~1.47
 Writes JSON (machine, configs, val loss per eval step, speed) and a PNG plot beside it.
-Targets: ../shared/docs/performance-targets.md (cpu ≤ 1.90 at step 2000; gpu ≤ 1.48 best).
+Targets: the README's "Speed targets" (cpu ≤ 1.90 at step 2000; gpu ≤ 1.48 best).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from bench.common import machine_info  # noqa: E402
-from minillm.config import ModelConfig  # noqa: E402
+from minillm.model.config import ModelConfig  # noqa: E402
 from minillm.train import RECIPES, TrainConfig, train  # noqa: E402
 
 RECIPE_NAMES = {"cpu": "shakespeare-char-cpu", "gpu": "shakespeare-char"}
-# What nanoGPT reaches with the same recipe (performance-targets.md) and what we must reach.
+# What nanoGPT reaches with the same recipe (the README's "Speed targets") and what we must reach.
 REFERENCE = {
     "cpu": {"nanogpt_val_loss_at_end": 1.8857, "target_val_loss_at_end": 1.90, "nanogpt_ms_per_iter_2core": 55},
     "gpu": {"nanogpt_best_val_loss": 1.4611, "target_best_val_loss": 1.48, "nanogpt_ms_per_iter_h100": 10.8},
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     args, extra = p.parse_known_args(argv)
     overrides = [*args.overrides, *extra]
 
-    from minillm.config import split_overrides
+    from minillm.model.config import split_overrides
     recipe = RECIPES[RECIPE_NAMES[args.recipe]]
     train_changes, model_changes = split_overrides(overrides, TrainConfig, ModelConfig)
     model_cfg = ModelConfig.from_preset(recipe["preset"], **{**recipe["model"], **model_changes})

@@ -43,9 +43,9 @@ def tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     import torch
 
     from minillm.checkpoint import save_model
-    from minillm.config import ModelConfig
-    from minillm.model import CausalLM
-    from minillm.tokenizer import CharTokenizer
+    from minillm.model.config import ModelConfig
+    from minillm.model.transformer import CausalLM
+    from minillm.data.tokenizer import CharTokenizer
 
     torch.manual_seed(seed)
     tok = CharTokenizer.from_text(string.ascii_letters + string.digits + string.punctuation + " \n")

@@ -2,14 +2,14 @@
 
     pytest bench/test_attention.py                                   timed; sizes from bench.common.SIZE
     pytest bench/test_attention.py --bench-size=full --benchmark-json=attn.json   a GPU run, saved
-    minillm bench report attn.json --baseline sdpa_flash            the table and plots
+    python -m bench.report attn.json --baseline sdpa_flash            the table and plots
 
 Shapes follow the FlashAttention papers: B·N = 16k tokens and H·D = 2048, N from 512 to 16384,
 D ∈ {64, 128}, causal or not, bf16 on a GPU. FLOPs per call: 4·B·H·N²·D forward (two matmuls of
 2·N²·D per head), half of that when causal, and 2.5× the forward for the backward (five matmuls
 to the forward's two); recorded as `tflops` in extra_info with the device and library versions.
 
-Providers: `naive` (minillm/attention.py, the readable reference), `sdpa` (PyTorch's own choice
+Providers: `naive` (minillm/model/attention.py, the readable reference), `sdpa` (PyTorch's own choice
 of backend), `sdpa_flash`, `sdpa_cudnn`, `sdpa_efficient`, `sdpa_math` (one backend forced with
 torch.nn.attention.sdpa_kernel; skipped where that backend cannot run the case) and `triton`
 (kernels/attention.py). Each case first checks its result against SDPA once, then is timed.
@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from bench import common  # noqa: E402
-from minillm.attention import scaled_dot_product_attention  # noqa: E402
+from minillm.model.attention import scaled_dot_product_attention  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DTYPE = torch.bfloat16 if GPU else torch.float32  # the interpreter has no bf16 matmul

@@ -9,7 +9,7 @@ Providers:
                 only when this torch has it (its packing API changed across versions)
     int8, int4  minillm.kernels.quant_matmul (int4 with group 128); on CPU they run in the Triton
                 interpreter, so their CPU "timings" measure the interpreter, not the kernel
-    int8-ref, int4-ref   minillm.quant's reference (dequantize the whole matrix, then F.linear)
+    int8-ref, int4-ref   minillm.compress.quant's reference (dequantize the whole matrix, then F.linear)
 Figures in extra_info: us (median µs per call), gbps (bytes of the stored weight — codes, scales,
 zeros — read per second: a decode-time matmul is bound by exactly this), speedup over bf16 measured
 in the same session for the same shape, plus machine_info(). Decode is M = 1…16, prefill M ≥ 128.
@@ -32,7 +32,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:  # the kernels can only run on CPU through the interpreter, set before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from minillm.quant import dequantize, quantize, unpack_int4  # noqa: E402
+from minillm.compress.quant import dequantize, quantize, unpack_int4  # noqa: E402
 
 QUICK = common.SIZE == "quick"
 MS = (1, 16) if QUICK else (1, 16, 128, 2048)

@@ -15,8 +15,8 @@ import time
 import pytest
 
 from bench import common
-from minillm.data import load_text
-from minillm.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
+from minillm.data.dataset import load_text
+from minillm.data.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
 
 QUICK = common.SIZE == "quick"
 N_CHARS = 64_000 if QUICK else None

@@ -6,7 +6,7 @@
 "quick" (CPU, CI): every preset shrunk to 2 layers × 128 wide, block 64, vocab 512, batch 4, so the
 suite only checks that each architecture trains. "full" (GPU): the presets at their real sizes
 (gpt2: nanoGPT's bench.py step, batch 12 × 1024 tokens), bf16 autocast. FLOPs per step are
-6·N + 12·L·T·C per token (minillm.model.flops_per_token), the figure MFU is quoted against.
+6·N + 12·L·T·C per token (minillm.model.transformer.flops_per_token), the figure MFU is quoted against.
 Providers are the attention implementations; each case first checks that its loss equals the
 naive (readable) attention's on the same weights and batch, then times the step.
 """
@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from bench import common
-from minillm.config import ModelConfig
-from minillm.model import build_model, count_parameters, flops_per_token
-from minillm.optim import clip_grad_norm, make_optimizer
+from minillm.model.config import ModelConfig
+from minillm.model.transformer import build_model, count_parameters, flops_per_token
+from minillm.train.optim import clip_grad_norm, make_optimizer
 
 PRESETS = ["tiny", "char-small", "gpt2", "bert-tiny", "llama-style"]
 PROVIDERS = common.pick(quick=["naive", "sdpa"], full=["naive", "sdpa", "triton"])

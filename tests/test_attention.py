@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from minillm.attention import attention_dispatch, merge_heads, scaled_dot_product_attention, split_heads
+from minillm.model.attention import attention_dispatch, merge_heads, scaled_dot_product_attention, split_heads
 
 
 def qkv(B=2, H=3, Tq=9, Tk=9, D=16, seed=0):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from minillm import CausalLM, ModelConfig
-from minillm.checkpoint import CONFIG_FILE, atomic_write, load_model, save_model
+from minillm.checkpoint import CONFIG_FILE, load_model, save_model
+from minillm.files import atomic_write
 
 
 def test_round_trip_keeps_weights_and_tying(tmp_path):
@@ -31,11 +32,11 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
-def test_not_a_checkpoint_and_quantized_folder_errors(tmp_path):
+def test_not_a_checkpoint_and_incomplete_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a minillm checkpoint"):
         load_model(tmp_path)
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"model": {}, "quantization": {"scheme": "int8"}}))
-    with pytest.raises(ValueError, match="load_quantized"):
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         load_model(tmp_path)
 
 

@@ -28,12 +28,12 @@ def test_console_entry_point_help():
 
 
 def test_missing_optional_extra_is_a_message_not_a_traceback(capsys, monkeypatch):
-    import minillm.cli as cli
+    import minillm.cli.info as info
 
     def needs_extra(args, overrides):
         """A command whose optional dependency is not installed."""
         raise ImportError("minillm serve needs uvicorn: pip install 'minillm[serve]'")
 
-    monkeypatch.setattr(cli, "cmd_info", needs_extra)  # stands in for a command whose extra is missing
+    monkeypatch.setattr(info, "cmd_info", needs_extra)  # stands in for a command whose extra is missing
     assert main(["info"]) == 2
     assert "pip install 'minillm[serve]'" in capsys.readouterr().err

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import minillm.corpora as corpora
-import minillm.data as data
+import minillm.data.corpora as corpora
+import minillm.data.dataset as data
 from minillm.cli import main
-from minillm.data import MLM_SPECIAL_TOKENS, get_batch, load_text, mask_tokens, prepare_dataset
-from minillm.losses import IGNORE_INDEX
-from minillm.tokenizer import BPETokenizer, CharTokenizer
+from minillm.data.dataset import MLM_SPECIAL_TOKENS, get_batch, load_text, mask_tokens, prepare_dataset
+from minillm.model.losses import IGNORE_INDEX
+from minillm.data.tokenizer import BPETokenizer, CharTokenizer
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
         "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n") * 20

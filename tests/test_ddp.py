@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from minillm.checkpoint import load_model
-from minillm.config import ModelConfig
+from minillm.model.config import ModelConfig
 from minillm.train import TrainConfig, train
 
 TEXT = "All the world's a stage,\nAnd all the men and women merely players;\n" * 30

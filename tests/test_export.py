@@ -10,10 +10,10 @@ import torch
 
 from minillm.checkpoint import save_model
 from minillm.cli import main
-from minillm.config import ModelConfig
-from minillm.export import compare_with_onnxruntime, export_onnx
-from minillm.model import CausalLM
-from minillm.tokenizer import CharTokenizer
+from minillm.model.config import ModelConfig
+from minillm.serve.export import compare_with_onnxruntime, export_onnx
+from minillm.model.transformer import CausalLM
+from minillm.data.tokenizer import CharTokenizer
 
 
 def tiny(**overrides) -> CausalLM:

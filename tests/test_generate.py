@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from minillm.config import ModelConfig
-from minillm.generate import (generate, generate_text, left_pad, sample_next, top_k_filter,
+from minillm.model.config import ModelConfig
+from minillm.generate.sampling import (generate, generate_text, left_pad, sample_next, top_k_filter,
                               top_p_filter)
-from minillm.model import CausalLM, MaskedLM
-from minillm.tokenizer import CharTokenizer
+from minillm.model.transformer import CausalLM, MaskedLM
+from minillm.data.tokenizer import CharTokenizer
 
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from minillm.config import ModelConfig
+from minillm.model.config import ModelConfig
 from minillm.train import TrainConfig, train
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_first_10_losses.txt"

@@ -21,7 +21,7 @@ from torch.testing import assert_close  # noqa: E402
 
 pytest.importorskip("triton", reason="Triton kernels need: pip install 'minillm[kernels]'")
 
-from minillm.attention import scaled_dot_product_attention  # noqa: E402
+from minillm.model.attention import scaled_dot_product_attention  # noqa: E402
 from minillm.kernels.attention import flash_attention, flash_attention_fwd, is_interpreted  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

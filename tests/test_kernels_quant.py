@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from minillm import ModelConfig, build_model  # noqa: E402
 from minillm.kernels import quant_matmul as qm  # noqa: E402
-from minillm.quant import QuantLinear, dequantize, quantize, quantize_model, set_backend  # noqa: E402
+from minillm.compress.quant import QuantLinear, dequantize, quantize, quantize_model, set_backend  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -95,7 +95,7 @@ def test_gradient_to_x_matches_reference():
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_model_generates_the_same_greedy_tokens(scheme):
-    from minillm.generate import generate
+    from minillm.generate.sampling import generate
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny", n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=64)

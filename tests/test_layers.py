@@ -6,8 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from minillm.config import ModelConfig
-from minillm.layers import FeedForward, LayerNorm, RMSNorm, gelu, gelu_tanh, relu, silu
+from minillm.model.config import ModelConfig
+from minillm.model.layers import FeedForward, LayerNorm, RMSNorm, gelu, gelu_tanh, relu, silu
 
 
 @pytest.mark.parametrize("eps", [1e-5, 1e-12])

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from minillm.losses import cross_entropy, logsumexp, next_token_targets
+from minillm.model.losses import cross_entropy, logsumexp, next_token_targets
 
 
 def test_cross_entropy_matches_torch_even_scaled_1000x():

@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from minillm import CausalLM, MaskedLM, ModelConfig, build_model, count_parameters
-from minillm.losses import next_token_targets
+from minillm.model.losses import next_token_targets
 
 SMALL = dict(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=50)
 VARIANTS = {

@@ -16,8 +16,8 @@ from torch.testing import assert_close  # noqa: E402
 
 pytest.importorskip("triton", reason="Triton kernels need: pip install 'minillm[kernels]'")
 
-from minillm.config import ModelConfig  # noqa: E402
-from minillm.model import CausalLM, MaskedLM  # noqa: E402
+from minillm.model.config import ModelConfig  # noqa: E402
+from minillm.model.transformer import CausalLM, MaskedLM  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(atol=2e-5, rtol=1e-4)

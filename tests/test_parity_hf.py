@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 transformers = pytest.importorskip("transformers")  # in the dev extra; CI installs it
 
-from minillm.pretrained import (bert_config, bert_from_state_dict, gpt2_config, gpt2_from_state_dict,  # noqa: E402
+from minillm.model.pretrained import (bert_config, bert_from_state_dict, gpt2_config, gpt2_from_state_dict,  # noqa: E402
                                 load_bert, load_gpt2)
 
 

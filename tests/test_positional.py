@@ -5,8 +5,8 @@ import math
 import torch
 from torch.testing import assert_close
 
-from minillm.config import ModelConfig
-from minillm.positional import Rotary, sinusoidal_table
+from minillm.model.config import ModelConfig
+from minillm.model.positional import Rotary, sinusoidal_table
 
 
 def test_sinusoid_formula():

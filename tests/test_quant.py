@@ -1,4 +1,4 @@
-"""The quantization reference (minillm/quant.py), quantized checkpoints and `minillm quantize`.
+"""The quantization reference (minillm/compress/quant.py), quantized checkpoints and `minillm quantize`.
 
 The kernels are tested against this reference in tests/test_kernels_quant.py.
 """
@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from minillm import ModelConfig, build_model
-from minillm.checkpoint import save_model
-from minillm.quant import (GROUP_SIZES, QuantEmbedding, QuantLinear, dequantize_int4, dequantize_int8,
-                           pack_int4, quantize_int4, quantize_int8, quantize_model, set_backend,
-                           unpack_int4, weight_bytes)
-from minillm.quant_io import load_quantized, save_quantized
+from minillm.checkpoint import load_model, save_model
+from minillm.compress.quant import (GROUP_SIZES, QuantEmbedding, QuantLinear, dequantize_int4, dequantize_int8,
+                                    pack_int4, quantize_int4, quantize_int8, quantize_model, set_backend,
+                                    unpack_int4, weight_bytes)
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=96)
 
@@ -165,26 +164,24 @@ def test_untied_head_quantizes_alone():
     assert isinstance(model.transformer.tok_emb, torch.nn.Embedding)
 
 
-def test_quantized_checkpoint_round_trip(tmp_path):
+def test_quantized_checkpoint_round_trip_through_the_one_checkpoint_format(tmp_path):
     model = quantize_model(tiny_model(), "int4", group_size=64, include_head=True, include_embeddings=True)
-    save_quantized(tmp_path / "q", model, meta={"note": "kept"})
+    save_model(tmp_path / "q", model, note="kept")
     meta = json.loads((tmp_path / "q" / "config.json").read_text())
     assert meta["quantization"] == {"scheme": "int4", "group_size": 64, "include_embeddings": True,
                                     "include_head": True}
     assert meta["note"] == "kept"
-    loaded, tok, _ = load_quantized(tmp_path / "q")
-    assert tok is None
+    loaded, tok, _ = load_model(tmp_path / "q")
+    assert tok is None and isinstance(loaded.lm_head, QuantLinear)
     idx = torch.randint(0, 96, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="needs a quantized model"):
-        save_quantized(tmp_path / "f", tiny_model())
 
 
-def test_load_quantized_refuses_a_float_checkpoint(tmp_path):
+def test_a_float_checkpoint_loads_as_a_float_model(tmp_path):
     save_model(tmp_path / "fp", tiny_model())
-    with pytest.raises(ValueError, match="float checkpoint"):
-        load_quantized(tmp_path / "fp")
+    model, _, meta = load_model(tmp_path / "fp")
+    assert "quantization" not in meta and not any(isinstance(m, QuantLinear) for m in model.modules())
 
 
 def test_set_backend_on_a_whole_model():
@@ -197,14 +194,13 @@ def test_set_backend_on_a_whole_model():
 
 def test_quantize_command_end_to_end(tmp_path, capsys):
     from minillm.cli import main
-    from minillm.tokenizer import CharTokenizer
+    from minillm.data.tokenizer import CharTokenizer
 
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300))
     (tmp_path / "text.txt").write_text(text)
     tok = CharTokenizer.from_text(text)
     model = tiny_model(vocab_size=tok.vocab_size)
     save_model(tmp_path / "ckpt", model, tok, data=str(tmp_path / "text.txt"))
-    pytest.importorskip("minillm.train", reason="minillm/train.py (evaluate) is not there yet")
     rc = main(["quantize", str(tmp_path / "ckpt"), "--scheme=int4", "--group_size=32",
                f"--out={tmp_path / 'q'}", "--eval_iters=2", "--batch_size=2", "--gen_tokens=8"])
     out = capsys.readouterr().out
@@ -215,8 +211,17 @@ def test_quantize_command_end_to_end(tmp_path, capsys):
     assert report["bytes"][1] < report["bytes"][0] / 2
     fp_ppl, q_ppl = report["val_ppl"]
     assert 1 < fp_ppl < 2 * tok.vocab_size and abs(q_ppl / fp_ppl - 1) < 0.1
-    loaded, tok2, meta = load_quantized(tmp_path / "q")
+    loaded, tok2, meta = load_model(tmp_path / "q")
     assert tok2.to_dict() == tok.to_dict() and meta["data"] == str(tmp_path / "text.txt")
+    assert meta["quantization"]["scheme"] == "int4"
+
+    # what `minillm quantize` wrote is a checkpoint like any other: generate and eval take it
+    assert main(["generate", str(tmp_path / "q"), "--prompt=line ", "--max_new_tokens=5", "--temperature=0"]) == 0
+    assert capsys.readouterr().out.startswith("line ")
+    assert main(["eval", str(tmp_path / "q"), "--eval_iters=2", "--batch_size=2"]) == 0
+    assert "val loss" in capsys.readouterr().out
+    assert main(["quantize", str(tmp_path / "q"), f"--out={tmp_path / 'qq'}"]) == 2
+    assert "already quantized" in capsys.readouterr().err
 
 
 def test_quantize_command_errors(tmp_path, capsys):

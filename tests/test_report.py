@@ -1,4 +1,4 @@
-"""`minillm bench report` on JSON from a real pytest-benchmark run, and bench/common.py's helpers.
+"""`python -m bench.report` on JSON from a real pytest-benchmark run, and bench/common.py's helpers.
 
 The run: a tiny benchmark module written to tmp_path, run by pytest in a subprocess with the
 project's benchmark plugin (bench/conftest.py) and --benchmark-json, exactly as a user runs the
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from bench import common
-from minillm import report
-from minillm.cli import main
+from bench import report
+from bench.report import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -141,22 +141,22 @@ def test_table_and_plots_from_two_machines(run_json, tmp_path):
 
 
 def test_cli_report(run_json, tmp_path, capsys):
-    assert main(["bench", "report", str(run_json.parent), "--out", str(tmp_path / "r"),
+    assert main([str(run_json.parent), "--out", str(tmp_path / "r"),
                  "--baseline", "naive"]) == 0
     out = capsys.readouterr().out
     assert "### test_tiny_bench::test_matmul" in out and "vs naive" in out
     assert (tmp_path / "r" / "report.md").is_file()
-    assert main(["bench", "report", str(tmp_path / "missing.json")]) == 2
+    assert main([str(tmp_path / "missing.json")]) == 2
     assert "no such results file" in capsys.readouterr().err
     (tmp_path / "empty.json").write_text(json.dumps({"benchmarks": []}))
-    assert main(["bench", "report", str(tmp_path / "empty.json")]) == 2
-    assert main(["bench", "report", str(run_json), "--bogus=1"]) == 2
+    assert main([str(tmp_path / "empty.json")]) == 2
+    assert main([str(run_json), "--bogus=1"]) == 2
     assert "unknown option --bogus" in capsys.readouterr().err
 
 
 def test_help_explains(capsys):
     with pytest.raises(SystemExit):
-        main(["bench", "report", "--help"])
+        main(["--help"])
     text = capsys.readouterr().out
     assert "--out" in text and "--baseline" in text and "pytest-benchmark" in text
 

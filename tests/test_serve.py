@@ -2,7 +2,7 @@
 
 One server runs the real command line in a subprocess (API key from $MINILLM_API_KEY); a second,
 tiny one (1 batch row, queue of 1) runs in a thread to reach the 429 and disconnect paths quickly.
-Greedy completions are compared with minillm.generate.generate_text on the same checkpoint.
+Greedy completions are compared with minillm.generate.sampling.generate_text on the same checkpoint.
 """
 
 import asyncio
@@ -22,10 +22,10 @@ import torch
 
 from minillm.checkpoint import load_model, save_model
 from minillm.cli import main
-from minillm.config import ModelConfig
-from minillm.generate import generate_text
-from minillm.model import CausalLM
-from minillm.tokenizer import CharTokenizer
+from minillm.model.config import ModelConfig
+from minillm.generate.sampling import generate_text
+from minillm.model.transformer import CausalLM
+from minillm.data.tokenizer import CharTokenizer
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -127,7 +127,7 @@ def small_server(tmp_path_factory):
     Its model has a long context, so one request can hold the only row for a few seconds."""
     import uvicorn
 
-    from minillm.api import build_app
+    from minillm.serve.api import build_app
     torch.manual_seed(0)
     tok = CharTokenizer.from_text(string.ascii_letters)
     model = CausalLM(ModelConfig(vocab_size=tok.vocab_size, block_size=LONG, n_layer=1, n_head=1,

@@ -1,4 +1,4 @@
-"""The SkyPilot task files (sky/*.yaml) and `minillm cloud bench`, offline: nothing is launched.
+"""The SkyPilot task files (sky/*.yaml) and `python -m bench.cloud`, offline: nothing is launched.
 
 Every YAML is loaded with SkyPilot's own parser (`sky.Task.from_yaml`), which validates it against
 SkyPilot's schema and so catches misspelled keys; then the project's own checks, which SkyPilot
@@ -17,8 +17,8 @@ import pytest
 import sky  # noqa: E402  (one import: it takes seconds)
 import yaml
 
-from minillm import cloud
-from minillm.cli import main
+from bench import cloud
+from bench.cloud import main
 
 SKY_DIR = Path(__file__).resolve().parent.parent / "sky"
 YAMLS = sorted(SKY_DIR.glob("*.yaml"))
@@ -192,17 +192,17 @@ def test_run_sweep_collects_and_always_tears_down(monkeypatch, tmp_path):
 
 
 def test_cli_dryrun_print_launches_nothing(capsys):
-    assert main(["cloud", "bench", "--gpus", "H100:1,L4:1", "--run-id", "t4", "--dryrun-print"]) == 0
+    assert main(["--gpus", "H100:1,L4:1", "--run-id", "t4", "--dryrun-print"]) == 0
     out = capsys.readouterr().out
     assert "# H100:1 on cluster minillm-bench-h100-1-t4" in out and "# L4:1 on cluster" in out
     assert "L4: 1" in out and "python -m pytest bench --bench-size=full" in out
-    assert main(["cloud", "bench", "--gpus", "V100:1", "--dryrun-print"]) == 2
+    assert main(["--gpus", "V100:1", "--dryrun-print"]) == 2
     assert "unknown GPU" in capsys.readouterr().err
 
 
 def test_cloud_help_explains(capsys):
     with pytest.raises(SystemExit):
-        main(["cloud", "bench", "--help"])
+        main(["--help"])
     text = capsys.readouterr().out
     for words in ("--gpus", "--bucket", "--dryrun-print", "torn down", "sky/bench.yaml"):
         assert words in text

@@ -9,7 +9,7 @@ import regex
 import torch
 
 from minillm.checkpoint import write_json
-from minillm.tokenizer import (GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, load_tokenizer,
+from minillm.data.tokenizer import (GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, load_tokenizer,
                                tokenizer_from_dict)
 
 # A small text with repeated words, overlapping runs ("aaaa", spaces) and multi-byte characters.

@@ -7,14 +7,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from minillm.builtin_ops import builtin_loss, use_builtin_ops
+from minillm.model.builtin_ops import builtin_loss, use_builtin_ops
 from minillm.checkpoint import load_model, read_config
 from minillm.cli import main
-from minillm.config import ModelConfig
-from minillm.model import CausalLM
-from minillm.optim import clip_grad_norm, lr_at, make_optimizer, param_groups
+from minillm.model.config import ModelConfig
+from minillm.model.transformer import CausalLM
+from minillm.train.optim import clip_grad_norm, lr_at, make_optimizer, param_groups
 from minillm.train import TrainConfig, TrainingDiverged, evaluate, train
-from minillm.trainstate import STATE_FILE, load_train_state, save_train_state
+from minillm.train.state import STATE_FILE, load_train_state, save_train_state
 
 TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
         "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 12
@@ -197,7 +197,7 @@ def test_builtin_ops_swap_computes_the_same_loss(arch):
     keys = list(model.state_dict())
     use_builtin_ops(model)
     assert list(model.state_dict()) == keys  # checkpoints are unchanged
-    assert not any(type(m).__module__ == "minillm.layers" and "Norm" in type(m).__name__ for m in model.modules())
+    assert not any(type(m).__module__ == "minillm.model.layers" and "Norm" in type(m).__name__ for m in model.modules())
     logits2, _ = model(x)
     torch.testing.assert_close(logits2, logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(builtin_loss(logits2, y), ref, rtol=1e-5, atol=1e-5)

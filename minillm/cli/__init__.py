@@ -1,0 +1,63 @@
+"""The `minillm` command line.
+
+    minillm info --preset gpt2            parameters, FLOPs per token, weight memory
+    minillm <command> --help              what each command does and takes
+
+Options that configure the model or the run are `--key=value`, checked against the config
+dataclasses' fields and types; an unknown key is an error suggesting the closest names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+# One module per command (train and eval share one), in pipeline order. Each has `add_parser(sub)`,
+# which adds its subparser and sets `func(args, overrides) -> exit code`. A command parses, calls
+# the library, prints: the work itself is in minillm's other folders.
+COMMAND_MODULES: list[str] = [
+    "minillm.cli.info",
+    "minillm.cli.data",
+    "minillm.cli.train",
+    "minillm.cli.generate",
+    "minillm.cli.quantize",
+    "minillm.cli.export",
+    "minillm.cli.serve",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minillm",
+        description="minillm: a readable Transformer engine. Train, evaluate, generate, inspect.",
+        epilog="Model and training options are --key=value (e.g. --n_layer=4). "
+               "Run 'minillm COMMAND --help' for each command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    overrides = [r for r in rest if r.startswith("--") and "=" in r]
+    stray = [r for r in rest if r not in overrides]
+    if stray:
+        parser.error(f"unrecognised arguments: {' '.join(stray)} (options are --key=value)")
+    try:
+        return args.func(args, overrides) or 0
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        # bad input, a missing file, or an optional extra not installed: the message says what to do
+        print(f"minillm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

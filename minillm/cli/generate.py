@@ -1,0 +1,105 @@
+"""`minillm generate`: load a checkpoint and continue prompts, streaming text to the terminal.
+
+    minillm generate out --prompt="def " --max_new_tokens=300 --temperature=0.8 --top_k=200
+    minillm generate out --prompt=ROMEO: --num_samples=3 --seed=7 --escapes --stop='\\n\\n'
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minillm.checkpoint import load_model
+from minillm.generate.sampling import generate_text
+from minillm.hardware import resolve_device, resolve_dtype
+from minillm.model.config import ModelConfig, split_overrides
+
+
+def cmd_generate(args, overrides: list[str]) -> int:
+    """Load a checkpoint and continue prompts, streaming the text to the terminal."""
+    (model_changes,) = split_overrides(overrides, ModelConfig)  # e.g. --attention=sdpa
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device, allow_cpu_half=True)
+    model, tok, meta = load_model(args.out_dir, device=device, **model_changes)
+    if tok is None:
+        raise FileNotFoundError(f"{args.out_dir} has no tokenizer.json: cannot encode the prompt")
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    prompts = []
+    for p in args.prompt or ["\n"]:
+        if p.startswith("FILE:"):  # nanoGPT's convention for long prompts
+            p = Path(p[5:]).read_text(encoding="utf-8")
+        prompts.append(_unescape(p) if args.escapes else p)
+    rows = [p for p in prompts for _ in range(args.num_samples)]
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              use_cache=not args.no_cache, generator=gen, stop=args.stop)
+    t0, n_tokens = time.perf_counter(), 0
+    if args.batch and len(rows) > 1:
+        # all rows in one left-padded batch: faster, printed when done
+        texts = generate_text(model, tok, rows, args.max_new_tokens, **kw)
+        for i, (p, t) in enumerate(zip(rows, texts)):
+            print(f"--- sample {i + 1} ---\n{p}{t}")
+        n_tokens = sum(len(tok.encode(t)) for t in texts)
+    else:
+        for i, p in enumerate(rows):
+            if len(rows) > 1:
+                print(f"--- sample {i + 1} ---")
+            print(p, end="", flush=True)
+            [t] = generate_text(model, tok, [p], args.max_new_tokens, **kw,
+                                stream=lambda _, piece: print(piece, end="", flush=True))
+            print()
+            n_tokens += len(tok.encode(t))
+    dt = time.perf_counter() - t0
+    print(f"[{n_tokens} tokens in {dt:.2f} s, {n_tokens / dt:.1f} tokens/s on {device}, "
+          f"{'no ' if args.no_cache else ''}KV cache; checkpoint step {meta.get('step', '?')}]", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="sample text from a trained checkpoint (streams to the terminal)",
+        description="Continue one or more prompts with a trained causal LM. Greedy when --temperature=0; "
+                    "otherwise sampling with temperature, top-k and top-p (nucleus). Uses a KV cache "
+                    "unless --no_cache. Prompts longer than the context are cropped to the last "
+                    "block_size tokens; past block_size the window slides (recomputed without cache).",
+        epilog="examples: minillm generate out --prompt='def ' --max_new_tokens=300 --temperature=0.8 "
+               "--top_k=200  |  minillm generate out --prompt=ROMEO: --num_samples=3 --seed=7 "
+               "--escapes --stop='\\n\\n'  |  --prompt=FILE:prompt.txt reads the prompt from a file. "
+               "ModelConfig fields that do not change the weights may be set, e.g. --attention=sdpa.")
+    p.add_argument("out_dir", help="checkpoint folder written by minillm train")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text to continue (repeat for several prompts; default: a newline)")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; <1 sharper, >1 more random")
+    p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: smallest set with mass ≥ p")
+    p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=1337, help="sampling seed: same seed, same text")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop a sample when this string appears (repeatable; use --escapes for \\n)")
+    p.add_argument("--escapes", action="store_true", help="interpret \\n, \\t in --prompt and --stop")
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token")
+    p.add_argument("--batch", action="store_true", help="run all samples as one left-padded batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weight precision for generation (bf16/fp16 on GPU)")
+    p.set_defaults(func=_checked_generate)
+
+
+def _checked_generate(args, overrides):
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise ValueError("--max_new_tokens must be >= 0 and --num_samples >= 1")
+    if args.top_k is not None and args.top_k <= 0:
+        args.top_k = None  # 0 = no top-k filter
+    if args.escapes and args.stop:
+        args.stop = [_unescape(s) for s in args.stop]
+    return cmd_generate(args, overrides)
+
+
+def _unescape(text: str) -> str:
+    """'\\n' and '\\t' typed in a shell -> newline and tab (other text untouched, unicode safe)."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")

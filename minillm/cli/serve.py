@@ -1,0 +1,96 @@
+"""`minillm serve CHECKPOINT`: serve a trained model over HTTP, many clients batched together.
+
+    minillm serve out/shakespeare --port=8000
+    curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
+         -d '{"prompt": "ROMEO:", "max_tokens": 50, "temperature": 0.8}'
+
+Three layers, each in its own file:
+    minillm/generate/batching.py   the continuous-batching engine: one thread, one KV cache of
+                                   max_batch_size rows, requests joining and leaving between steps
+    minillm/serve/api.py           the FastAPI app: OpenAI-compatible /v1/completions (+ streaming),
+                                   /v1/models, /health, /metrics; validation, errors, the queue's 429s
+    this file                      the command line: load the checkpoint, build the app, run uvicorn
+
+The OpenAI Python client works against it: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...).
+This file imports FastAPI and uvicorn only when the command runs, so `minillm --help` works without
+the [serve] extra installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from minillm.checkpoint import load_model
+from minillm.hardware import resolve_device, resolve_dtype
+from minillm.model.config import ModelConfig, split_overrides
+
+
+def cmd_serve(args, overrides: list[str]) -> int:
+    """Serve a checkpoint over HTTP: OpenAI-style /v1/completions with continuous batching."""
+    import torch
+
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ImportError(f"minillm serve needs uvicorn: pip install 'minillm[serve]' ({e})") from e
+
+    from minillm.serve.api import build_app
+
+    (changes,) = split_overrides(overrides, ModelConfig)  # e.g. --attention=sdpa
+    if args.threads is not None:
+        # on a small, shared CPU one thread can beat two: tiny matmuls spend more time
+        # synchronising threads than computing
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device or "auto")
+    dtype = resolve_dtype(args.dtype, device, allow_cpu_half=True)
+    model, tokenizer, meta = load_model(args.checkpoint, device=device, **changes)  # float or quantized
+    model.to(dtype=dtype)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    api_key = args.api_key or os.environ.get("MINILLM_API_KEY") or None
+    app = build_app(model, tokenizer, name, args.max_batch_size, args.max_queue, api_key, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"minillm serve: {name} ({n_params / 1e6:.2f}M parameters, block_size {model.cfg.block_size}) "
+          f"on {device}/{args.dtype}; batch {args.max_batch_size}, queue {args.max_queue}, "
+          f"API key {'required' if api_key else 'not required'}", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print("warning: listening beyond localhost without an API key; anyone who can reach the "
+              "port can use the model (set --api-key or MINILLM_API_KEY)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="none",
+                access_log=args.log_level in ("info", "debug"))  # ws: no websockets endpoint here
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a checkpoint over HTTP (OpenAI-compatible /v1/completions, batching)",
+        description=cmd_serve.__doc__ + " Endpoints: POST /v1/completions (prompt, max_tokens, "
+        "temperature, top_p, top_k, stop, n, seed, stream), GET /v1/models, GET /health, GET /metrics "
+        "(Prometheus). Concurrent requests are decoded together, up to --max_batch_size rows; up to "
+        "--max_queue more wait, beyond that requests get 429 + Retry-After. A prompt longer than "
+        "block_size - max_tokens tokens is cropped to its last block_size - max_tokens tokens. Model "
+        "options that do not change the weights are --key=value, e.g. --attention=sdpa.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint folder (model.safetensors, config.json, tokenizer.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 to accept remote clients")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max_batch_size", "--max-batch-size", type=int, default=16,
+                   help="completions decoded together (KV cache rows)")
+    p.add_argument("--max_queue", "--max-queue", type=int, default=64,
+                   help="requests allowed to wait for a row; more are refused with 429")
+    p.add_argument("--api-key", "--api_key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $MINILLM_API_KEY, else none; "
+                        "prefer the variable: command lines are visible to other users in ps)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and KV cache precision (bfloat16 halves memory on a GPU)")
+    p.add_argument("--model-name", "--model_name", default=None,
+                   help="id in /v1/models and responses (default: the checkpoint folder's name)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch's matmuls (default: PyTorch's choice, one per core)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling requests that give none")
+    p.add_argument("--log-level", "--log_level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level; info logs every request")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,12 @@
+"""Generation: from a trained causal LM to text.
+
+Read in this order:
+    sampling.py   choosing the next token (greedy, temperature, top-k, top-p), the KV-cache decode
+                  loop, several prompts in one left-padded batch, streaming text
+    batching.py   continuous batching: requests join and leave one shared batch between decode steps
+                  (what the server runs)
+"""
+
+from minillm.generate.sampling import generate, generate_text, generate_tokens, sample_next
+
+__all__ = ["generate", "generate_text", "generate_tokens", "sample_next"]

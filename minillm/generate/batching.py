@@ -1,0 +1,371 @@
+"""Continuous batching: many requests decoded together over one KV cache, joining and leaving between steps.
+
+Decoding one token for one sequence is a matrix-*vector* product per layer: the weights are read from
+memory to do very little arithmetic. Decoding B sequences in the same forward turns that into a
+matrix-*matrix* product that reads the weights once for B tokens, so throughput grows almost linearly
+with B until compute, not memory (or Python overhead, on a CPU), is the limit.
+
+Static batching waits for B requests and runs them to the end together; a short request then holds
+its row until the longest finishes. Continuous (or "in-flight") batching, from Orca (Yu et al., OSDI
+2022) and vLLM (Kwon et al., SOSP 2023), re-forms the batch at every decode step instead:
+
+    loop:
+        admit waiting requests while cache rows are free   (prefill each prompt alone, sample token 1)
+        one decode step for every active row                (B rows, one new token each)
+        rows that hit max_tokens / a stop string / EOS leave, freeing their slot at once
+
+Every row has its own length, so the cache here (`SlotKVCache`) keeps one length per row instead of
+the single shared `KVCache.length` of minillm.model.attention. Row b's new token goes at position
+lengths[b]; attention over a shared Tk = max(lengths)+1 hides each row's unused tail with a
+key_padding_mask, exactly as left padding does in minillm.generate.sampling — so a row computes what it
+would alone, and greedy output does not depend on who else is in the batch.
+
+Active rows are kept packed in slots 0..A-1 (a leaving row is replaced by the last one), so each
+step works on the view cache[:, :A] and never gathers.
+
+All model work happens on one background thread; `submit` and `cancel` are safe to call from others
+(minillm.cli.serve calls them from the asyncio event loop).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from minillm.generate.sampling import find_stop, held_back, sample_next
+
+log = logging.getLogger("minillm.generate.batching")
+
+
+class SlotKVCache:
+    """Keys/values for `n_slots` independent rows, each with its own length (cf. attention.KVCache).
+
+    Speaks the interface MultiHeadAttention and Transformer use (`update`, `advance`, `length`);
+    `select(first, count)` chooses which rows the next forward works on.
+    """
+
+    def __init__(self, n_layer: int, n_slots: int, n_head: int, max_len: int, head_dim: int,
+                 device=None, dtype=torch.float32):
+        shape = (n_layer, n_slots, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.lengths = [0] * n_slots  # on the host: reading them never waits for the GPU
+        self._rows, self._starts, self._max = slice(0, 0), None, 0
+        self.uniform = True  # do the selected rows all have the same length?
+
+    def select(self, first: int, count: int) -> torch.Tensor:
+        """Work on rows first..first+count-1 next; returns their lengths (B,) = the new tokens' positions."""
+        self._rows = slice(first, first + count)
+        lens = self.lengths[self._rows]
+        self._max, self.uniform = max(lens), len(set(lens)) == 1
+        self._starts = torch.tensor(lens, device=self.k.device)  # (B,)
+        return self._starts
+
+    @property
+    def length(self) -> int:
+        return self._max  # Transformer reads this; we always pass explicit positions anyway
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H, T, D) at each row's own length; return (B, H, max_len_used, D) views."""
+        B, H, T, D = k.shape
+        end = self._max + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache row is full: {self._max} cached + {T} new > max_len {self.max_len}")
+        if self.uniform:  # all rows equally long (a prefill, or n samples of one prompt): a slice write
+            self.k[layer, self._rows, :, self._max:end] = k
+            self.v[layer, self._rows, :, self._max:end] = v
+        else:  # ragged rows decode one token each, written at (row b, position starts[b])
+            if T != 1:
+                raise ValueError("rows of different lengths can only advance one token at a time")
+            b = torch.arange(B, device=k.device)
+            self.k[layer, self._rows][b, :, self._starts] = k[:, :, 0]  # (B, H, D) scattered
+            self.v[layer, self._rows][b, :, self._starts] = v[:, :, 0]
+        return self.k[layer, self._rows, :, :end], self.v[layer, self._rows, :, :end]  # (B, H, Tk, D)
+
+    def advance(self, T: int) -> None:
+        for i in range(self._rows.start, self._rows.stop):
+            self.lengths[i] += T
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row dst becomes a copy of row src (a forked sample, or packing rows after one leaves)."""
+        n = self.lengths[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16  # new tokens per completion (prompt + max_tokens must fit block_size)
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # strings that end a completion (not included in its text)
+    seed: int | None = None  # own generator: output does not depend on other traffic
+
+
+@dataclass
+class Event:
+    """What the engine reports to a request: new final text of choice `index`, maybe its end."""
+    index: int
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" when the choice ends; "error" on a failure
+    tokens: int = 0  # tokens generated for this choice so far
+    error: str | None = None
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at max_queue: the caller should retry later (HTTP 429)."""
+
+
+class Request:
+    """n completions for each of `prompts` (token ids, already fitted to the context)."""
+
+    def __init__(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
+                 emit: Callable[[Event], None] | None = None, stream: bool = True):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        self.prompts, self.params, self.n = prompts, params, n
+        self.emit = emit or (lambda event: None)  # called on the engine thread
+        self.stream = stream  # False: one event per choice, at its end (fewer wake-ups for the caller)
+        self.cancelled = False
+        self.generator = (torch.Generator().manual_seed(params.seed) if params.seed is not None
+                          else None)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.prompts) * self.n
+
+
+@dataclass(eq=False)
+class _Row:
+    """One completion being generated: it owns cache slot `slot` while active."""
+    req: Request
+    index: int  # choice index: prompt i, sample j -> i * n + j (OpenAI's numbering)
+    slot: int
+    ids: list[int] = field(default_factory=list)  # generated token ids
+    emitted: int = 0  # characters of text already reported
+    done: bool = False  # finished: leaves its slot before the next step
+
+
+@dataclass
+class EngineStats:
+    """Counters for /metrics; written by the engine thread, read by others (plain ints)."""
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefills: int = 0
+    decode_steps: int = 0
+    batch_rows: list[int] = field(default_factory=list)  # batch_rows[b] = decode steps run with b rows
+
+
+class BatchEngine:
+    """A background decode loop over `max_batch_size` cache rows, fed by a queue of ≤ `max_queue`."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 64,
+                 eos_id: int | None = None, seed: int = 0):
+        if not getattr(model.cfg, "causal", False):
+            raise ValueError("serving needs a causal LM (GPT-style); this checkpoint is a masked LM")
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got "
+                             f"{max_batch_size} and {max_queue}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch_size, self.max_queue, self.eos_id = max_batch_size, max_queue, eos_id
+        cfg, p = model.cfg, next(model.parameters())
+        self.device = p.device
+        self.cache = SlotKVCache(cfg.n_layer, max_batch_size, cfg.n_head, cfg.block_size, cfg.head_dim,
+                                 device=p.device, dtype=p.dtype)
+        self.rows: list[_Row] = []  # active rows; rows[i].slot == i always
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
+        self.stats = EngineStats(batch_rows=[0] * (max_batch_size + 1))
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- called from other threads ---------------------------------------------------------------
+    def start(self) -> "BatchEngine":
+        self._thread = threading.Thread(target=self._loop, name="minillm-decode", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def active_rows(self) -> int:
+        return len(self.rows)
+
+    def submit(self, req: Request) -> Request:
+        block_size = self.model.cfg.block_size
+        if any(len(p) + req.params.max_tokens > block_size for p in req.prompts):
+            raise ValueError(f"prompt + max_tokens must fit the context of {block_size} tokens")
+        if req.n_rows > self.max_batch_size:
+            raise ValueError(f"{req.n_rows} completions (prompts × n) are more than max_batch_size="
+                             f"{self.max_batch_size}; send fewer prompts or a smaller n")
+        with self._cond:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue="
+                                f"{self.max_queue}); retry shortly")
+            self.waiting.append(req)
+            self._cond.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop working on `req`: dropped from the queue now, its rows leave before the next step."""
+        req.cancelled = True
+        with self._cond:
+            if req in self.waiting:
+                self.waiting.remove(req)
+            self._cond.notify()
+
+    def complete(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list[Event]:
+        """Blocking helper (tests, notebooks): run one request, return each choice's whole text."""
+        results: dict[int, Event] = {}
+        texts: dict[int, str] = collections.defaultdict(str)
+        done = threading.Event()
+        req = Request(prompts, params, n, stream=False)
+
+        def emit(ev: Event) -> None:
+            texts[ev.index] += ev.text
+            if ev.finish_reason is not None:
+                results[ev.index] = Event(ev.index, texts[ev.index], ev.finish_reason, ev.tokens, ev.error)
+                if len(results) == req.n_rows:
+                    done.set()
+
+        req.emit = emit
+        self.submit(req)
+        done.wait()
+        return [results[i] for i in range(req.n_rows)]
+
+    # --- the decode loop (engine thread only) ----------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self.waiting and not self.rows:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    admitted = []
+                    # FIFO: the head of the queue waits until its rows are free (no starving big n)
+                    while self.waiting and self.waiting[0].n_rows <= self.max_batch_size - len(self.rows) \
+                            - sum(r.n_rows for r in admitted):
+                        admitted.append(self.waiting.popleft())
+                try:
+                    for req in admitted:
+                        if not req.cancelled:  # its client may have left while it was being admitted
+                            self._prefill(req)
+                    self._leave([r for r in self.rows if r.req.cancelled])
+                    if self.rows:
+                        self._decode_step()
+                except Exception as e:  # a failed step must not kill the server: fail its requests
+                    log.exception("decode step failed")
+                    for req in {r.req for r in self.rows} | set(admitted):
+                        for i in range(req.n_rows):
+                            req.emit(Event(i, "", "error", 0, error=f"{type(e).__name__}: {e}"))
+                    self.rows.clear()
+                    self.cache.lengths = [0] * self.max_batch_size
+
+    def _prefill(self, req: Request) -> None:
+        """Run each prompt alone into a free row, fork it n times, sample every row's first token."""
+        for i, prompt in enumerate(req.prompts):
+            first = len(self.rows)
+            self.cache.lengths[first] = 0
+            self.cache.select(first, 1)
+            idx = torch.tensor([prompt], device=self.device)  # (1, T)
+            positions = torch.arange(len(prompt), device=self.device)  # (T,) from 0: a fresh row
+            logits, _ = self.model(idx, positions=positions, cache=self.cache)  # (1, T, V)
+            new = [_Row(req, i * req.n + j, first + j) for j in range(req.n)]
+            for row in new[1:]:  # n samples of one prompt share its prefix: copy, don't recompute
+                self.cache.copy_row(first, row.slot)
+            self.rows.extend(new)
+            self.stats.prompt_tokens += len(prompt)
+            self.stats.prefills += 1
+            tokens = self._sample(logits[:, -1, :].expand(req.n, -1), new)  # (n, V) -> n ids
+            for row, t in zip(new, tokens):
+                self._append(row, t)
+        self._leave([r for r in self.rows if r.done])
+
+    def _decode_step(self) -> None:
+        A = len(self.rows)
+        starts = self.cache.select(0, A)  # (A,) each row's length = position of its new token
+        idx = torch.tensor([[r.ids[-1]] for r in self.rows], device=self.device)  # (A, 1)
+        kpm = None
+        if not self.cache.uniform:  # hide keys past each row's own length: (A, Tk) True = real
+            kpm = torch.arange(self.cache.length + 1, device=self.device)[None, :] <= starts[:, None]
+        logits, _ = self.model(idx, positions=starts[:, None], key_padding_mask=kpm, cache=self.cache)
+        tokens = self._sample(logits[:, -1, :], self.rows)  # (A, V) -> A ids
+        self.stats.decode_steps += 1
+        self.stats.batch_rows[A] += 1
+        for row, t in zip(list(self.rows), tokens):
+            self._append(row, t)
+        self._leave([r for r in self.rows if r.done])
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """One token per row; rows sharing sampling settings (and generator) are sampled together."""
+        groups: dict[tuple, list[int]] = collections.defaultdict(list)
+        for b, r in enumerate(rows):
+            p = r.req.params
+            key = (0.0,) if p.temperature == 0 else (p.temperature, p.top_k, p.top_p, id(r.req.generator))
+            groups[key].append(b)
+        out = [0] * len(rows)
+        for key, members in groups.items():
+            p, gen = rows[members[0]].req.params, rows[members[0]].req.generator
+            sub = logits[torch.tensor(members, device=logits.device)]  # (b, V)
+            ids = sample_next(sub, p.temperature, p.top_k, p.top_p if p.top_p < 1 else None,
+                              gen or self.generator).tolist()
+            for b, t in zip(members, ids):
+                out[b] = t
+        return out
+
+    def _append(self, row: _Row, token: int) -> None:
+        """Record a token, report the text that became final, and mark the row done when it ends."""
+        p = row.req.params
+        self.stats.generated_tokens += 1
+        finish = None
+        if self.eos_id is not None and token == self.eos_id:
+            finish = "stop"  # the end-of-text token ends the completion and is not shown
+            text = self.tokenizer.decode(row.ids)
+        else:
+            row.ids.append(token)
+            text = self.tokenizer.decode(row.ids)
+        cut = find_stop(text, p.stop)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        elif finish is None and len(row.ids) >= p.max_tokens:
+            finish = "length"
+        end = len(text) if finish else len(text) - held_back(text, p.stop)
+        if finish or (row.req.stream and end > row.emitted):
+            row.req.emit(Event(row.index, text[row.emitted:end], finish, len(row.ids)))
+            row.emitted = end
+        row.done = finish is not None
+
+    def _leave(self, leaving: list[_Row]) -> None:
+        """Free the rows' slots, moving the last active row into each hole to keep rows packed."""
+        for row in sorted(leaving, key=lambda r: r.slot, reverse=True):
+            last = len(self.rows) - 1
+            if row.slot != last:
+                mover = self.rows[last]
+                self.cache.copy_row(last, row.slot)
+                mover.slot = row.slot
+                self.rows[row.slot] = mover
+            self.rows.pop()
+            self.cache.lengths[last] = 0

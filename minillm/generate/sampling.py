@@ -1,0 +1,235 @@
+"""Sampling text from a causal LM: KV cache, greedy / temperature / top-k / top-p, batches, streaming.
+
+Autoregressive decoding repeats "run the model, pick the next token from the last position's
+distribution, append it". Without a cache each step re-runs the whole prefix (O(T²) attention work
+per token, nanoGPT's sample.py); with a KV cache (minillm.model.attention.KVCache) the prompt is run once
+("prefill") and each new token costs one position ("decode"). Both paths compute the same function,
+so under a fixed seed they pick the same tokens (tests/test_generate.py).
+
+Picking a token from logits z (one row of the vocabulary):
+    greedy        argmax z                                    (temperature = 0)
+    temperature   p = softmax(z / τ): τ < 1 sharpens, τ > 1 flattens
+    top-k         keep the k largest logits, -inf the rest      (Fan et al., 2018)
+    top-p         keep the smallest set of tokens whose probability adds up to ≥ p   ("nucleus",
+                  Holtzman et al., 2019); the most likely token is always kept
+
+Several prompts of different lengths run as one batch by LEFT padding: every row's last prompt token
+sits in the same (last) column, so one forward step extends every row. Pad keys are hidden with a
+key_padding_mask, and each row's positions start at 0 at its first real token, so a padded row
+computes exactly what it would alone.
+
+Context limit: a prompt longer than block_size is cropped to its last block_size tokens. When
+generation runs past block_size the window slides: each further step re-runs the last block_size
+tokens WITHOUT the cache (positions shift, so cached keys are stale). That is nanoGPT's behaviour,
+just slower than cached decoding; generation never stops early because of the context.
+
+    >>> out = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200)
+    >>> texts = generate_text(model, tokenizer, ["ROMEO:", "JULIET:"], 100, stream=print_piece)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+
+# --- choosing the next token ------------------------------------------------------------------
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties at the k-th value are kept), -inf the rest."""
+    if k <= 0:
+        raise ValueError(f"top_k must be positive, got {k}")
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1) the k-th largest value
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the most likely tokens until their probability mass reaches p."""
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # mass of the tokens strictly before each one; a token is dropped once that mass already ≥ p,
+    # so the first (most likely) token is always kept and the kept set is the smallest reaching p
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_before >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) of the last position -> next token ids (B,)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    logits = logits.float()
+    if temperature == 0:  # greedy: top-k / top-p cannot change the argmax
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    # sample on the generator's device (a CPU generator cannot drive CUDA sampling)
+    gen_device = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(gen_device), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, True = real token -> (B, T) positions counting real tokens from 0 (pads get 0)."""
+    return (mask.long().cumsum(dim=-1) - 1).clamp_min(0)
+
+
+# --- the decoding loop ------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+                    generator: torch.Generator | None = None,
+                    key_padding_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), `max_new_tokens` times. Stop early by breaking.
+
+    idx (B, T) prompt ids, left-padded when key_padding_mask (B, T) (True = real token) is given.
+    """
+    if not getattr(model.cfg, "causal", False):
+        raise ValueError("generation needs a causal LM; a masked LM (BERT-style) cannot continue text")
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
+    block_size = model.cfg.block_size
+    mask = (torch.ones_like(idx, dtype=torch.bool) if key_padding_mask is None
+            else key_padding_mask.to(idx.device, torch.bool))
+    if mask.shape != idx.shape:
+        raise ValueError(f"key_padding_mask {tuple(mask.shape)} must match idx {tuple(idx.shape)}")
+    if not mask[:, -1].all():
+        raise ValueError("every row's last token must be real: pad prompts on the LEFT")
+    keep = int(mask.any(dim=0).nonzero()[0, 0])  # drop columns that are padding in every row
+    idx, mask = idx[:, keep:][:, -block_size:], mask[:, keep:][:, -block_size:]  # crop to the context
+    padded = not bool(mask.all())
+
+    def forward(ids, m, cache=None, positions=None):
+        # without padding, positions=None lets the model count from the cache's length itself
+        kpm = m if padded else None
+        logits, _ = model(ids, positions=positions if padded else None, key_padding_mask=kpm, cache=cache)
+        return logits[:, -1, :]  # (B, V) the last position predicts the next token
+
+    was_training = model.training
+    model.eval()  # no dropout while sampling
+    try:
+        cache = model.new_cache(idx.shape[0], block_size) if use_cache else None
+        logits = forward(idx, mask, cache, positions_from_mask(mask))  # prefill (or first uncached step)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            yield nxt
+            idx = torch.cat([idx, nxt[:, None]], dim=1)  # (B, T+1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            if cache is not None and cache.length < block_size:
+                # decode: one new position per row, continuing that row's count of real tokens
+                pos = mask.long().sum(dim=1, keepdim=True) - 1  # (B, 1)
+                logits = forward(idx[:, -1:], mask, cache, pos)
+            else:
+                # uncached, or past the context: re-run the last block_size tokens from scratch
+                idx, mask = idx[:, -block_size:], mask[:, -block_size:]
+                logits = forward(idx, mask, None, positions_from_mask(mask))
+    finally:
+        model.train(was_training)
+
+
+def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None,
+             key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens)."""
+    new = list(generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache,
+                               generator, key_padding_mask))
+    if not new:
+        return idx
+    return torch.cat([idx, torch.stack(new, dim=1).to(idx.device)], dim=1)
+
+
+# --- text in, text out ----------------------------------------------------------------------
+
+def left_pad(rows: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths -> idx (B, T) left-padded, mask (B, T) True = real token."""
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt must have at least one token (an empty prompt has nothing "
+                         "to condition on; pass e.g. a newline)")
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        idx[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, T - len(r):] = True
+    return idx.to(device), mask.to(device)
+
+
+def find_stop(text: str, stops) -> int:
+    """Index of the earliest stop string in `text`, or -1: the completion ends just before it."""
+    return min((text.find(s) for s in stops if s in text), default=-1)
+
+
+def held_back(text: str, stops) -> int:
+    """How many characters at the end of `text` are not final yet, and must not be shown.
+
+    Two reasons to wait: the tail might still grow into a stop string (stop "\n\n" and the text
+    ends in "\n"), or it is half a UTF-8 character, which a byte-level tokenizer decodes as U+FFFD
+    until the rest of its bytes arrive. Shared by `generate_text` and the serving engine.
+    """
+    hold = len(text) - len(text.rstrip("\ufffd"))  # a byte-level BPE may end mid-character
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), hold, -1):  # the longest prefix of s ending text
+            if text.endswith(s[:n]):
+                hold = n
+                break
+    return hold
+
+
+def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+                  generator: torch.Generator | None = None, stop: list[str] | str | None = None,
+                  stream: Callable[[int, str], None] | None = None) -> list[str]:
+    """Continue each prompt; returns the generated text of each (without the prompt).
+
+    stop: strings that end a row's generation (the stop string itself is not returned); the batch
+    ends when every row has stopped or max_new_tokens is reached.
+    stream(row, piece): called with each new piece of text as it becomes final, so a terminal can
+    print as tokens arrive. Text that might be the start of a stop string, or an incomplete UTF-8
+    character of a byte-level tokenizer, is held back until it is decided.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(s == "" for s in stops):
+        raise ValueError("stop strings must be non-empty")
+    device = next(model.parameters()).device
+    idx, mask = left_pad([tokenizer.encode(p) for p in prompts], device=device)
+    B = len(prompts)
+    new_ids: list[list[int]] = [[] for _ in range(B)]
+    texts, emitted, done = [""] * B, [0] * B, [False] * B
+
+    def settle(i: int, final: bool) -> None:
+        text = tokenizer.decode(new_ids[i])
+        cut = find_stop(text, stops)
+        if cut >= 0:  # a stop string appeared: the row ends just before it
+            text, final, done[i] = text[:cut], True, True
+        texts[i] = text
+        if stream is not None:
+            end = len(text) if final else len(text) - held_back(text, stops)
+            if end > emitted[i]:
+                stream(i, text[emitted[i]:end])
+                emitted[i] = end
+
+    for nxt in generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache,
+                               generator, mask):
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                new_ids[i].append(t)
+                settle(i, final=False)
+        if all(done):
+            break
+    for i in range(B):
+        if not done[i]:
+            settle(i, final=True)
+    return texts

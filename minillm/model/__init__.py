@@ -1,0 +1,21 @@
+"""The model: every line that turns token ids into logits, written out.
+
+Read in this order, the order the pieces are built in:
+    config.py        ModelConfig: every architectural choice, presets as plain data
+    layers.py        LayerNorm, RMSNorm, activations, the feed-forward network
+    positional.py    sinusoidal, learned and rotary (RoPE) positions
+    attention.py     scaled dot-product attention, multi-head attention, the KV cache
+    transformer.py   Block, Transformer, CausalLM (GPT-style), MaskedLM (BERT-style)
+    losses.py        cross-entropy for next-token and masked-token prediction
+    builtin_ops.py   the same layers swapped for PyTorch's fused kernels (same parameters)
+    pretrained.py    Hugging Face GPT-2 and BERT weights loaded into these classes
+"""
+
+from minillm.model.attention import KVCache, MultiHeadAttention, scaled_dot_product_attention
+from minillm.model.config import PRESETS, ModelConfig, apply_overrides
+from minillm.model.transformer import (Block, CausalLM, MaskedLM, Transformer, build_model, count_parameters,
+                                       flops_per_token)
+
+__all__ = ["PRESETS", "Block", "CausalLM", "KVCache", "MaskedLM", "ModelConfig", "MultiHeadAttention",
+           "Transformer", "apply_overrides", "build_model", "count_parameters", "flops_per_token",
+           "scaled_dot_product_attention"]

@@ -1,0 +1,209 @@
+"""Model configuration: one dataclass, presets as plain data, `--key=value` overrides.
+
+Every knob of the Transformer lives in `ModelConfig`, each with a comment on why it exists.
+Presets are dictionaries of field values (no code), so a reader sees at a glance what makes
+"gpt2" different from "llama-style". A config that cannot work fails when it is built, with a
+message naming the field, not an hour into training.
+
+    >>> cfg = ModelConfig.from_preset("gpt2")
+    >>> cfg = apply_overrides(cfg, ["--n_layer=6", "--dropout=0.1"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass
+
+ATTENTION_IMPLS = ("naive", "sdpa", "triton")
+POSITIONAL = ("sinusoidal", "learned", "rotary", "none")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+
+
+@dataclass
+class ModelConfig:
+    # --- sizes -----------------------------------------------------------------------------
+    vocab_size: int = 256  # number of token ids; set from the tokenizer when training
+    block_size: int = 256  # longest context the model sees (positions 0 .. block_size-1)
+    n_layer: int = 6  # number of Transformer blocks
+    n_head: int = 6  # attention heads per block; n_embd must divide evenly
+    n_embd: int = 384  # model width C; each head gets D = C / H channels
+    ffn_hidden: int = 0  # FFN inner width; 0 = 4*C (or 8/3*C rounded to 64 for SwiGLU)
+    n_token_types: int = 0  # BERT's segment embeddings (2 for BERT); 0 = none
+
+    # --- architecture choices --------------------------------------------------------------
+    positional: str = "sinusoidal"  # "Attention Is All You Need" default; or learned/rotary/none
+    rope_base: float = 10000.0  # RoPE frequency base θ (Llama uses 10000 or 500000)
+    activation: str = "gelu"  # FFN non-linearity: relu | gelu | gelu_tanh | swiglu
+    norm: str = "layernorm"  # layernorm (GPT-2, BERT) or rmsnorm (Llama)
+    norm_eps: float = 1e-5  # added to the variance; BERT uses 1e-12
+    prenorm: bool = True  # pre-norm (GPT-2, Llama) trains stably; post-norm is the original/BERT
+    embed_norm: bool = False  # BERT normalises the summed embeddings before the first block
+    bias: bool = True  # bias in linear layers and norms; Llama drops them
+    tie_weights: bool = True  # share token embedding and output projection (GPT-2, BERT)
+    causal: bool = True  # decoder (GPT) masks the future; encoder (BERT) sees both sides
+
+    # --- regularisation and init -----------------------------------------------------------
+    dropout: float = 0.0  # default rate for the three dropouts below (nanoGPT's name)
+    attn_dropout: float | None = None  # on attention probabilities; None = dropout
+    resid_dropout: float | None = None  # on each residual branch output; None = dropout
+    embd_dropout: float | None = None  # on the summed embeddings; None = dropout
+    init_std: float = 0.02  # GPT-2's N(0, 0.02) initialisation
+
+    # --- implementation switch -------------------------------------------------------------
+    attention: str = "naive"  # naive (readable, minillm/model/attention.py) | sdpa (PyTorch) | triton
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("ffn_hidden", "n_token_types"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"ModelConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                "each head needs the same number of channels"
+            )
+        _check_choice("positional", self.positional, POSITIONAL)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("attention", self.attention, ATTENTION_IMPLS)
+        if self.positional == "rotary" and self.head_dim % 2 != 0:
+            raise ValueError(
+                f"ModelConfig.positional='rotary' rotates channel pairs, so the head dim must be even; "
+                f"n_embd/n_head = {self.head_dim}"
+            )
+        if self.positional == "sinusoidal" and self.n_embd % 2 != 0:
+            raise ValueError(f"ModelConfig.n_embd={self.n_embd} must be even for sinusoidal positions")
+        for name in ("dropout", "attn_dropout", "resid_dropout", "embd_dropout"):
+            p = getattr(self, name)
+            if p is not None and not 0.0 <= p < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {p}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"ModelConfig.norm_eps must be positive, got {self.norm_eps}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.activation == "swiglu":  # keep parameter count ≈ 4*C with three matrices (Llama)
+            return 64 * ((8 * self.n_embd // 3 + 63) // 64)
+        return 4 * self.n_embd
+
+    def rate(self, which: str) -> float:
+        """Dropout rate for 'attn', 'resid' or 'embd', falling back to `dropout`."""
+        p = getattr(self, f"{which}_dropout")
+        return self.dropout if p is None else p
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Presets are plain data. Sizes follow the models they are named after.
+PRESETS: dict[str, dict] = {
+    # nanoGPT's CPU shakespeare-char recipe shape: trains in minutes on 2 cores.
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=256),
+    # nanoGPT's shakespeare-char "baby GPT" (6L/6H/384, block 256), vocab of 65 characters.
+    "char-small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.2),
+    # GPT-2 small, 124M: learned positions, GELU-tanh, LayerNorm, biases, tied weights.
+    "gpt2": dict(
+        n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257,
+        positional="learned", activation="gelu_tanh", norm="layernorm", bias=True, tie_weights=True,
+    ),
+    # BERT-tiny sized encoder (google/bert_uncased_L-2_H-128_A-2): post-norm, learned positions,
+    # token types, embedding LayerNorm, exact GELU, eps 1e-12.
+    "bert-tiny": dict(
+        n_layer=2, n_head=2, n_embd=128, ffn_hidden=512, block_size=512, vocab_size=30522,
+        n_token_types=2, positional="learned", activation="gelu", norm_eps=1e-12, prenorm=False,
+        embed_norm=True, causal=False, dropout=0.1,
+    ),
+    # A small Llama-style decoder: RoPE, RMSNorm, SwiGLU, no biases, untied head.
+    "llama-style": dict(
+        n_layer=8, n_head=8, n_embd=512, block_size=1024, vocab_size=32000,
+        positional="rotary", activation="swiglu", norm="rmsnorm", norm_eps=1e-6, bias=False,
+        tie_weights=False,
+    ),
+}
+
+
+def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"ModelConfig.{field}={value!r} is not one of {', '.join(choices)}{hint}")
+
+
+# --- command-line overrides ----------------------------------------------------------------
+
+def parse_value(text: str, annotation, name: str):
+    """Convert `text` to the type a dataclass field declares (int, float, bool, str, X | None)."""
+    if isinstance(annotation, str):  # `from __future__ import annotations` keeps them as strings
+        annotation = {"int": int, "float": float, "bool": bool, "str": str,
+                      "float | None": float, "int | None": int, "str | None": str}.get(annotation, str)
+    origin = typing.get_origin(annotation)
+    if origin is not None:  # Optional[X]
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if text.lower() == "none":
+            return None
+        annotation = args[0]
+    if annotation is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"--{name} expects a boolean (true/false), got {text!r}")
+    if annotation is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"--{name} expects an integer, got {text!r}") from None
+    if annotation is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--{name} expects a number, got {text!r}") from None
+    return text
+
+
+def split_overrides(args: list[str], *dataclasses_: type) -> list[dict]:
+    """Parse `--key=value` strings into one dict per dataclass, type-checked against its fields.
+
+    An unknown key is an error that lists the closest valid names across all the dataclasses.
+    """
+    fields = [{f.name: f for f in dataclasses.fields(dc)} for dc in dataclasses_]
+    out: list[dict] = [{} for _ in dataclasses_]
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"override {arg!r} must look like --key=value")
+        key, text = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        for i, fs in enumerate(fields):
+            if key in fs:
+                out[i][key] = parse_value(text, fs[key].type, key)
+                break
+        else:
+            names = [n for fs in fields for n in fs]
+            close = difflib.get_close_matches(key, names, n=3)
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            raise ValueError(f"unknown option --{key}{hint}")
+    return out
+
+
+def apply_overrides(cfg, args: list[str]):
+    """Return a copy of dataclass `cfg` with `--key=value` overrides applied (and re-validated)."""
+    (changes,) = split_overrides(args, type(cfg))
+    return dataclasses.replace(cfg, **changes)

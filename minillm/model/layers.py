@@ -1,0 +1,103 @@
+"""Normalisation and feed-forward layers, written out.
+
+LayerNorm (Ba et al., 2016) centres and scales each token's features; RMSNorm (Zhang & Sennrich,
+2019) only rescales by the root-mean-square, which is cheaper and what Llama uses. The FFN is the
+position-wise two-layer network of "Attention Is All You Need", FFN(x) = act(x W1 + b1) W2 + b2,
+with the activations used by the models minillm reproduces: ReLU (original Transformer), GELU
+(BERT, exact erf form), GELU-tanh (GPT-2's approximation) and SwiGLU (Shazeer, 2020; Llama).
+
+Each piece is tested against its PyTorch twin in tests/test_layers.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from minillm.model.config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, statistics over the last dimension."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # statistics in fp32 even under bf16 autocast
+        mean = xf.mean(dim=-1, keepdim=True)
+        var = (xf - mean).pow(2).mean(dim=-1, keepdim=True)  # biased variance, as nn.LayerNorm
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        y = y.to(x.dtype) * self.weight.to(x.dtype)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x²) + eps) * weight — no centring, no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# --- activations -----------------------------------------------------------------------------
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp_min(0.0)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact GELU: x·Φ(x), with Φ the standard normal CDF = ½(1 + erf(x/√2))."""
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh approximation: ½x(1 + tanh(√(2/π)(x + 0.044715x³)))."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU / swish: x·σ(x), the gate inside SwiGLU."""
+    return x * torch.sigmoid(x)
+
+
+ACTIVATION_FNS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN: C → hidden → C.
+
+    Plain:  down(act(up(x)))
+    SwiGLU: down(silu(gate(x)) * up(x))   — a third matrix gates the hidden units.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.activation == "swiglu"
+        self.act = silu if self.swiglu else ACTIVATION_FNS[cfg.activation]
+        self.up = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.bias) if self.swiglu else None
+        self.down = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=cfg.bias)
+        self.down.is_residual_proj = True  # scaled at init, see model.init_weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        if self.swiglu:
+            return self.down(self.act(self.gate(x)) * self.up(x))
+        return self.down(self.act(self.up(x)))

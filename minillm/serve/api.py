@@ -1,0 +1,381 @@
+"""The HTTP API behind `minillm serve`: OpenAI-compatible completions over the batching engine.
+
+Endpoints (the subset of OpenAI's legacy Completions API that a from-scratch model can honour):
+    POST /v1/completions   prompt (string or list), max_tokens, temperature, top_p, top_k, stop, n,
+                           seed, stream (server-sent events: `data: {...}` chunks, then `data: [DONE]`)
+    GET  /v1/models        the one model served
+    GET  /health           200 while the decode loop runs (a load balancer's readiness probe)
+    GET  /metrics          Prometheus text format: requests by status, tokens, latency, queue, batch
+
+How a request flows: the event loop validates it, tokenizes it and puts it in the engine's queue
+(minillm.generate.batching). A background thread runs the model; it hands text back through
+`loop.call_soon_threadsafe`, so the event loop never waits on a forward pass and keeps accepting
+requests, streaming tokens, and noticing clients that hang up (their rows leave the batch at once).
+
+Input rules. Unknown fields, bad types and out-of-range values are 400 with OpenAI's error shape
+{"error": {"message", "type", "param", "code"}}. max_tokens is 1 .. block_size-1. A prompt longer
+than block_size - max_tokens tokens is CROPPED to its last block_size - max_tokens tokens (as nanoGPT
+crops to the context), so prompt + completion always fits the KV cache; usage.prompt_tokens reports
+the tokens actually used. A full queue answers 429 with Retry-After. With an API key, /v1/* needs
+`Authorization: Bearer KEY`; /health and /metrics stay open for probes and scrapers.
+
+    app = build_app(model, tokenizer, "shakespeare", max_batch_size=16, max_queue=64)
+    uvicorn.run(app, port=8000)          # what `minillm serve` does
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+
+from minillm.generate.batching import BatchEngine, Event, QueueFull, Request, SamplingParams
+
+try:
+    from fastapi import FastAPI
+    from fastapi import Request as HTTPRequest
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:
+    raise ImportError(f"minillm serve needs FastAPI and uvicorn: pip install 'minillm[serve]'. "
+                      f"Import failed with: {e}") from e
+
+MAX_STOP = 4  # OpenAI's limit on stop strings
+MAX_BODY_BYTES = 1_000_000  # far more than any context holds; refuses to tokenize megabytes
+RETRY_AFTER_S = 1  # what a 429 tells clients to wait
+
+
+class APIError(Exception):
+    """Answered as {"error": {...}} with `status`; raised anywhere in a handler."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class CompletionRequest(BaseModel):
+    """The accepted body. extra="forbid": a misspelt field is an error, not silently ignored."""
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None  # optional: there is only one model; if given it must be its id
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)  # OpenAI's default; the upper bound depends on block_size
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1)  # not in OpenAI's API; vLLM and llama.cpp accept it
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = None  # same seed, same request -> same text, whatever else is being served
+    user: str | None = None  # accepted for client compatibility, not used
+
+
+# --- Prometheus text exposition, written out (format: prometheus.io/docs/instrumenting/exposition_formats)
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+KNOWN_PATHS = ("/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+class Metrics:
+    def __init__(self):
+        self.requests: dict[tuple[str, int], int] = {}  # (path, status code) -> count
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # last = above every bucket
+        self.latency_sum = 0.0
+        self.client_disconnects = 0
+
+    def observe(self, path: str, code: int, seconds: float) -> None:
+        path = path if path in KNOWN_PATHS else "other"  # bounded label values
+        self.requests[(path, code)] = self.requests.get((path, code), 0) + 1
+        if path == "/v1/completions" and code == 200:
+            i = next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))
+            self.latency_counts[i] += 1
+            self.latency_sum += seconds
+
+    def render(self, engine: BatchEngine) -> str:
+        s = engine.stats
+        out = ["# HELP minillm_requests_total HTTP requests by path and status code "
+               "(499 = client closed the connection first).", "# TYPE minillm_requests_total counter"]
+        for (path, code), n in sorted(self.requests.items()):
+            out.append(f'minillm_requests_total{{path="{path}",code="{code}"}} {n}')
+
+        def histogram(name: str, help: str, bounds, counts, total):
+            out.extend([f"# HELP {name} {help}", f"# TYPE {name} histogram"])
+            cumulative = 0
+            for b, c in zip(bounds, counts):
+                cumulative += c
+                out.append(f'{name}_bucket{{le="{b}"}} {cumulative}')
+            out.append(f'{name}_bucket{{le="+Inf"}} {sum(counts)}')  # Prometheus wants cumulative counts
+            out.extend([f"{name}_sum {total}", f"{name}_count {sum(counts)}"])
+
+        histogram("minillm_request_duration_seconds", "Time from request to last byte of successful "
+                  "completions.", LATENCY_BUCKETS, self.latency_counts, round(self.latency_sum, 6))
+        rows = s.batch_rows  # rows[b] = decode steps that ran with b rows
+        bounds = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < len(rows)} | {len(rows) - 1})
+        counts = [sum(rows[lo + 1:hi + 1]) for lo, hi in zip([0] + bounds[:-1], bounds)]
+        histogram("minillm_batch_size", "Active rows in each decode step.", bounds, counts,
+                  sum(b * n for b, n in enumerate(rows)))
+        for name, kind, help, value in (
+            ("minillm_prompt_tokens_total", "counter", "Prompt tokens prefilled.", s.prompt_tokens),
+            ("minillm_generated_tokens_total", "counter", "Tokens generated.", s.generated_tokens),
+            ("minillm_client_disconnects_total", "counter", "Requests whose client left before the end.",
+             self.client_disconnects),
+            ("minillm_queue_depth", "gauge", "Requests waiting for a batch slot.", engine.queue_depth),
+            ("minillm_active_rows", "gauge", "Batch rows (completions) being decoded.", engine.active_rows),
+            ("minillm_max_batch_size", "gauge", "Batch rows available.", engine.max_batch_size),
+        ):
+            out.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {value}"])
+        return "\n".join(out) + "\n"
+
+
+class MetricsMiddleware:
+    """Plain ASGI middleware: counts every response by status and times it to its last byte."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def send_and_record(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            code = 499 if scope.get("minillm.client_left") else status[0]
+            self.metrics.observe(scope["path"], code, time.perf_counter() - t0)
+
+
+# --- the app ---------------------------------------------------------------------------------------
+
+def _validation_message(err: ValidationError) -> tuple[str, str | None]:
+    """pydantic's first complaint as (message, the request field it is about)."""
+    e = err.errors()[0]
+    param = str(e["loc"][0]) if e["loc"] else None
+    if e["type"] == "extra_forbidden":
+        return f"unknown field {param!r} (accepted: {', '.join(CompletionRequest.model_fields)})", param
+    return f"{param}: {e['msg']}", param
+
+
+def _no_nan(constant: str):
+    """json.loads accepts NaN and Infinity, which are not JSON (and would slip past range checks)."""
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def build_app(model, tokenizer, model_name: str = "minillm", max_batch_size: int = 16,
+              max_queue: int = 64, api_key: str | None = None, seed: int = 0) -> FastAPI:
+    """The FastAPI app around a loaded model; the engine thread starts and stops with the app."""
+    if tokenizer is None:
+        raise ValueError("serving needs the checkpoint's tokenizer.json (text in, text out)")
+    eos = next((tokenizer.special_tokens[s] for s in ("<|endoftext|>", "</s>", "[EOS]")
+                if s in getattr(tokenizer, "special_tokens", {})), None)
+    engine = BatchEngine(model, tokenizer, max_batch_size, max_queue, eos_id=eos, seed=seed)
+    metrics = Metrics()
+    block_size, created = model.cfg.block_size, int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="minillm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine, app.state.metrics = engine, metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(Exception)  # a bug is still a JSON error; uvicorn logs the traceback
+    async def server_error(request, exc):
+        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+
+    @app.exception_handler(StarletteHTTPException)  # 404 / 405 in the same shape as every other error
+    async def http_error(request, exc):
+        return APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404
+                        else None).response()
+
+    def check_auth(request: HTTPRequest) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        # compare_digest: the time taken does not reveal how many leading characters were right
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), api_key.encode())):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            raise APIError(503, "the decode loop is not running", type="server_error")
+        return {"status": "ok", "model": model_name, "active_rows": engine.active_rows,
+                "queue_depth": engine.queue_depth}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: HTTPRequest):
+        check_auth(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "minillm", "max_model_len": block_size}]}
+
+    def parse(body: bytes) -> CompletionRequest:
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body is {len(body):,} bytes; the limit is {MAX_BODY_BYTES:,}")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = body[e.start:e.start + 1]
+            raise APIError(400, f"request body is not valid UTF-8 (byte {e.start}: {bad!r})")
+        try:
+            obj = json.loads(text, parse_constant=_no_nan)
+        except ValueError as e:
+            raise APIError(400, f"request body is not valid JSON: {e}")
+        if not isinstance(obj, dict):
+            raise APIError(400, "request body must be a JSON object")
+        try:  # strict: "5" is not an integer and true is not 1 (no silent coercion)
+            return CompletionRequest.model_validate(obj, strict=True)
+        except ValidationError as e:
+            message, param = _validation_message(e)
+            raise APIError(400, message, param=param)
+
+    def prepare(req: CompletionRequest) -> tuple[list[list[int]], SamplingParams]:
+        if req.model is not None and req.model != model_name:
+            raise APIError(404, f"model {req.model!r} is not served here; this server has {model_name!r}",
+                           param="model", code="model_not_found")
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts or any(p == "" for p in prompts):
+            raise APIError(400, "prompt must be a non-empty string (or list of them): an empty prompt "
+                           "gives the model nothing to continue", param="prompt")
+        if req.max_tokens > block_size - 1:
+            raise APIError(400, f"max_tokens={req.max_tokens} is more than this model's context allows "
+                           f"(block_size {block_size}, at least one prompt token): use at most "
+                           f"{block_size - 1}", param="max_tokens")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > MAX_STOP or any(s == "" for s in stops):
+            raise APIError(400, f"stop must be up to {MAX_STOP} non-empty strings", param="stop")
+        if len(prompts) * req.n > max_batch_size:
+            raise APIError(400, f"{len(prompts)} prompt(s) × n={req.n} completions exceed this server's "
+                           f"max_batch_size={max_batch_size}", param="n")
+        ids = []
+        for p in prompts:
+            try:
+                tokens = tokenizer.encode(p)
+            except ValueError as e:  # e.g. a character outside a CharTokenizer's vocabulary
+                raise APIError(400, f"prompt cannot be tokenized: {e}", param="prompt")
+            ids.append(tokens[-(block_size - req.max_tokens):])  # crop: keep the most recent tokens
+        params = SamplingParams(req.max_tokens, req.temperature, req.top_k, req.top_p, tuple(stops), req.seed)
+        return ids, params
+
+    async def watch_disconnect(request: HTTPRequest, queue: asyncio.Queue) -> None:
+        """Put None in the request's event queue when its client hangs up.
+
+        With the body read, the server's receive() has nothing more to say until the client
+        disconnects (or the response is complete), so this task just waits for that message."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        queue.put_nowait(None)
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        check_auth(request)
+        body = parse(await request.body())
+        # tokenizing a long prompt (pure-Python BPE) would stall every stream: do it off the loop
+        prompt_ids, params = await asyncio.to_thread(prepare, body)
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()  # Event | None (client left)
+        job = Request(prompt_ids, params, body.n, stream=body.stream)
+
+        def emit(event: Event) -> None:  # runs on the engine thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop has closed (server shutting down): stop this job
+                job.cancelled = True
+
+        job.emit = emit
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            raise APIError(429, str(e), type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        watcher = asyncio.create_task(watch_disconnect(request, queue))
+        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
+                "created": int(time.time()), "model": model_name}
+        n_prompt = sum(len(p) for p in prompt_ids)
+        state = {"over": False}  # set once the request has ended, for whatever reason
+
+        def end(client_left: bool) -> None:
+            watcher.cancel()
+            if client_left and not state["over"]:
+                engine.cancel(job)  # queued: dropped now; decoding: its rows leave before the next step
+                metrics.client_disconnects += 1
+                request.scope["minillm.client_left"] = True  # MetricsMiddleware records a 499
+            state["over"] = True
+
+        if body.stream:
+            async def sse():
+                try:
+                    finished = 0
+                    while finished < job.n_rows:
+                        event = await queue.get()
+                        if event is None:
+                            end(client_left=True)
+                            return
+                        if event.error:
+                            err = {"message": event.error, "type": "server_error", "param": None,
+                                   "code": None}
+                            end(client_left=False)
+                            yield f"data: {json.dumps({'error': err})}\n\n"
+                            return
+                        finished += event.finish_reason is not None
+                        choice = {"text": event.text, "index": event.index, "logprobs": None,
+                                  "finish_reason": event.finish_reason}
+                        yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+                    end(client_left=False)
+                    yield "data: [DONE]\n\n"
+                finally:  # still running here = cancelled by Starlette because the client went away
+                    end(client_left=True)
+
+            return StreamingResponse(sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        texts, ends, tokens = [""] * job.n_rows, [None] * job.n_rows, [0] * job.n_rows
+        try:
+            while any(e is None for e in ends):
+                event = await queue.get()
+                if event is None:
+                    end(client_left=True)
+                    return JSONResponse({}, status_code=499)  # nobody reads it; recorded in /metrics
+                if event.error:
+                    end(client_left=False)
+                    raise APIError(500, f"generation failed: {event.error}", type="server_error")
+                texts[event.index] += event.text
+                ends[event.index], tokens[event.index] = event.finish_reason, event.tokens
+            end(client_left=False)
+        finally:
+            end(client_left=True)  # a no-op unless we are being cancelled mid-request
+        n_new = sum(tokens)
+        return {**head, "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": f}
+                                    for i, (t, f) in enumerate(zip(texts, ends))],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new,
+                          "total_tokens": n_prompt + n_new}}
+
+    return app
+
+

@@ -1,0 +1,98 @@
+"""What a training run is told: TrainConfig, and the named recipes.
+
+TrainConfig holds every knob of a run, with nanoGPT's names (max_iters, eval_interval, batch_size,
+learning_rate, ...); `minillm train --key=value` sets any of them, checked against the field's type.
+The model's shape lives in minillm.model.config.ModelConfig. A recipe is plain data: a model preset
+plus overrides for both dataclasses and a data source, e.g. nanoGPT's shakespeare-char runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from minillm.hardware import DTYPES
+
+
+@dataclass
+class TrainConfig:
+    # --- how long, how often ---------------------------------------------------------------
+    max_iters: int = 1000  # optimizer steps; `minillm train` (tiny, python-docs): minutes on 2 CPU cores
+    eval_interval: int = 250  # evaluate (and checkpoint) every this many steps, and at the end
+    eval_iters: int = 20  # batches per evaluation: more = less noisy estimate, slower evaluation
+    log_interval: int = 10  # log loss/speed every this many steps (each log waits for the device)
+    # --- batch -----------------------------------------------------------------------------
+    batch_size: int = 12  # sequences per micro-batch per process (block_size lives in ModelConfig)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, summed over all processes
+    # --- optimizer (AdamW) and schedule ----------------------------------------------------
+    learning_rate: float = 1e-3  # peak learning rate, reached after warm-up; small models take ~1e-3
+    min_lr: float = 1e-4  # floor of the cosine decay (Chinchilla: ~learning_rate/10)
+    warmup_iters: int = 100  # linear warm-up steps: Adam's variance estimates are noisy at first
+    lr_decay_iters: int | None = None  # step where the cosine reaches min_lr; None = max_iters
+    weight_decay: float = 0.1  # on 2-D matmul weights only (see optim.py)
+    beta1: float = 0.9  # Adam momentum
+    beta2: float = 0.99  # Adam's second-moment decay; 0.99 (not 0.999) for small batches: few tokens/step
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    # --- where and how to run --------------------------------------------------------------
+    device: str = "auto"  # "auto" = cuda if available, else cpu; or "cpu", "cuda", "cuda:1", "mps"
+    dtype: str = "auto"  # "auto" = bf16 on GPUs that have it, else fp16 (+GradScaler); fp32 on CPU
+    compile: bool = False  # torch.compile the model: faster steps after a compile of tens of seconds
+    builtin_ops: bool = False  # train with PyTorch's fused norms/GELU/cross-entropy (builtin_ops.py)
+    seed: int = 1337  # weights, batches, dropout: the same seed gives the same run
+    # --- what to train ---------------------------------------------------------------------
+    objective: str = "clm"  # "clm" next-token prediction (GPT) | "mlm" masked tokens (BERT)
+    tokenizer: str = "char"  # "char" (nanoGPT's shakespeare-char) | "bpe" (byte-level, trained on the data)
+    vocab_size: int = 1024  # BPE vocabulary size (ignored by char: its vocabulary is the text's characters)
+    cache_dir: str | None = None  # prepared datasets and downloads; None = ~/.cache/minillm
+    # --- checkpoints -----------------------------------------------------------------------
+    out_dir: str = "out"  # checkpoint folder: weights, config, tokenizer, train state, metrics, plot
+    always_save_checkpoint: bool = True  # save at every evaluation, not only when val loss improves
+    resume: bool = False  # continue the run in out_dir exactly where its last checkpoint stopped
+
+    def __post_init__(self):
+        for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
+                     "gradient_accumulation_steps", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("learning_rate", "min_lr", "warmup_iters", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.objective not in ("clm", "mlm"):
+            raise ValueError(f"TrainConfig.objective must be 'clm' or 'mlm', got {self.objective!r}")
+        if self.tokenizer not in ("char", "bpe"):
+            raise ValueError(f"TrainConfig.tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"TrainConfig.dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"Adam betas must be in [0, 1), got beta1={self.beta1}, beta2={self.beta2}")
+
+
+# Named recipes: plain data, a model preset plus overrides for both dataclasses and a data source.
+RECIPES: dict[str, dict] = {
+    # what `minillm train` runs with no arguments: the tiny preset (sinusoidal positions, the
+    # engine's default) on the embedded python-docs corpus.
+    "python-docs-char": dict(preset="tiny", data="python-docs", model=dict(), train=dict()),
+    # nanoGPT README's CPU run of config/train_shakespeare_char.py (~2-3 min on a laptop)
+    "shakespeare-char-cpu": dict(
+        preset="tiny", data="shakespeare",
+        model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, positional="learned",
+                   bias=False, attention="sdpa"),
+        train=dict(builtin_ops=True, max_iters=2000, lr_decay_iters=2000, eval_interval=250, eval_iters=20,
+                   log_interval=10,
+                   batch_size=12, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99,
+                   always_save_checkpoint=False, out_dir="out-shakespeare-char-cpu"),
+    ),
+    # nanoGPT's config/train_shakespeare_char.py: the baby GPT (6/6/384, block 256) for one GPU
+    "shakespeare-char": dict(
+        preset="char-small", data="shakespeare",
+        model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, positional="learned",
+                   bias=False, attention="sdpa"),
+        train=dict(builtin_ops=True, max_iters=5000, lr_decay_iters=5000, eval_interval=250, eval_iters=200,
+                   log_interval=10,
+                   batch_size=64, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99,
+                   always_save_checkpoint=False, out_dir="out-shakespeare-char"),
+    ),
+}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left in place."""

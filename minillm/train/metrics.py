@@ -1,0 +1,85 @@
+"""What a training run reports: metrics.jsonl, a loss-curve PNG, and model FLOPs utilization.
+
+metrics.jsonl has one JSON object per line, appended as the run goes (a crash loses nothing before
+it, and `tail -f` follows it):
+    {"step": 120, "loss": 2.31, "lr": 0.00098, "ms_per_iter": 54.1, "tokens_per_s": 14190, ...}
+    {"step": 250, "train_loss": 2.05, "val_loss": 2.11, "val_ppl": 8.25, ...}          (evaluations)
+A train record's step is the optimizer step whose loss it reports (0-based); an eval record's step
+is the number of optimizer steps done before it.
+
+MFU (model FLOPs utilization, PaLM appendix B) = achieved model FLOP/s ÷ the hardware's peak:
+    achieved = flops_per_token(train) × tokens/s        (6N + 12·L·T·C per token)
+It only means something against a known peak, so it is shown for the GPUs in
+minillm.hardware.GPU_SPECS and not on CPUs (whose peak depends on clocks, vector width and cores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from minillm.files import atomic_write
+
+METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss.png"
+
+class MetricsLog:
+    """Append-only JSONL of a run's metrics, and the loss-curve plot drawn from it."""
+
+    def __init__(self, out_dir: str | Path, resume_step: int | None = None):
+        self.path = Path(out_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")  # a fresh run starts a fresh log
+        else:
+            # keep what the checkpoint had seen: train records of steps < resume_step and evals at
+            # ≤ resume_step; anything later came from the interrupted part and will be redone
+            kept = [r for r in self.records()
+                    if ("loss" in r and r["step"] < resume_step) or ("val_loss" in r and r["step"] <= resume_step)]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot(self, title: str = "") -> Path:
+        return plot_losses(self.records(), self.path.with_name(PLOT_FILE), title)
+
+
+def plot_losses(records: list[dict], path: str | Path, title: str = "") -> Path:
+    """Training loss (every logged step) and train/val loss at each evaluation, on one axis."""
+    try:
+        # a bare Figure draws straight to a file: no pyplot, so no global backend switch that would
+        # stop a notebook's own figures from showing, and no display needed (servers, CI)
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("the loss plot needs matplotlib: pip install matplotlib") from e
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    evals = [r for r in records if "val_loss" in r]
+    fig = Figure(figsize=(7, 4.2), dpi=100)
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.12)  # fixed: tight_layout costs a draw
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.6, color="tab:blue", label="train loss (batch)")
+    if evals:
+        steps = [r["step"] for r in evals]
+        if all("train_loss" in r for r in evals):
+            ax.plot(steps, [r["train_loss"] for r in evals], "o-", ms=3, color="tab:blue", label="train loss (eval)")
+        ax.plot(steps, [r["val_loss"] for r in evals], "o-", ms=3, color="tab:orange", label="val loss")
+        best = min(evals, key=lambda r: r["val_loss"])
+        ax.annotate(f"{best['val_loss']:.3f}", (best["step"], best["val_loss"]), textcoords="offset points",
+                    xytext=(0, 8), ha="center", fontsize=8, color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title or "minillm training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = Path(path)
+    with atomic_write(path, suffix=".png") as tmp:  # matplotlib picks the format from the suffix
+        fig.savefig(tmp)
+    return path
