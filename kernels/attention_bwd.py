@@ -23,6 +23,9 @@ no program ever writes where another does: no atomics, so results are determinis
 the interpreter, and safe to re-run while autotuning. The alternative — one kernel over key blocks
 adding its dQ share with fp32 atomic_add — saves those two matmuls but contends on dQ, is
 non-deterministic, and needs dQ zeroed before every autotuning trial.
+
+What the forward shares with this file (LOG2E, the key-block ranges, input checks, launch
+configurations) is in common.py; attention.py ties both directions into one autograd Function.
 """
 
 from __future__ import annotations
@@ -30,11 +33,17 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 
-from .attention import (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, LOG2E, _key_blocks, bucket, check_inputs,
-                        dot_precision, launcher)
+try:
+    import triton
+    import triton.language as tl
+except ImportError as e:  # the engine runs without kernels; this file cannot
+    raise ImportError("minillm.kernels.attention_bwd needs Triton: pip install 'minillm[kernels]' (Linux), "
+                      "or use ModelConfig.attention='naive' or 'sdpa'") from e
+
+from .common import (ATTENTION_TUNING_KEY, BWD_DKDV_CONFIGS, BWD_DKDV_INTERPRETER_CONFIG, BWD_DQ_CONFIGS,
+                     BWD_DQ_INTERPRETER_CONFIG, LOG2E, _key_blocks, autotuned, bucket, check_inputs,
+                     dot_precision, keep_attention)
 
 
 @triton.jit
@@ -230,13 +239,15 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal=False, key_padding_mask=None
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *mask_strides)
     flags = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_KPM=kpm is not None, DOT_PRECISION=dot_precision(q.dtype))
 
-    kernel, meta = launcher(_attn_bwd_dkdv_kernel, "dkdv", BWD_DKDV_CONFIGS)
+    kernel = autotuned("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, BWD_DKDV_INTERPRETER_CONFIG,
+                       ATTENTION_TUNING_KEY, keep_attention)
     grid = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H)  # noqa: E731
     kernel[grid](q, k, v, do, lse, delta, dk, dv, mask_arg, *strides, H, Tq, Tk, scale,
-                 bucket(Tq), bucket(Tk), **flags, **meta)
+                 bucket(Tq), bucket(Tk), **flags)
 
-    kernel, meta = launcher(_attn_bwd_dq_kernel, "dq", BWD_DQ_CONFIGS)
+    kernel = autotuned("attn_bwd_dq", _attn_bwd_dq_kernel, BWD_DQ_CONFIGS, BWD_DQ_INTERPRETER_CONFIG,
+                       ATTENTION_TUNING_KEY, keep_attention)
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](q, k, v, do, lse, delta, dq, mask_arg, *strides, H, Tq, Tk, scale,
-                 bucket(Tq), bucket(Tk), **flags, **meta)
+                 bucket(Tq), bucket(Tk), **flags)
     return dq, dk, dv

@@ -1,7 +1,7 @@
 """Weight-only quantized matmul in Triton: y = x @ dequant(W)ᵀ (+ b), dequantizing while loading W.
 
-The reference is minillm/compress/quant.py: `F.linear(x, dequantize(W))` materialises the whole float matrix
-in memory before multiplying. Here each program loads a tile of int8 / packed-int4 codes, turns them
+The reference is minillm/compress/quant.py: `F.linear(x, dequantize(W))` materialises the whole
+float matrix in memory before multiplying. Here each program loads a tile of int8 / packed-int4 codes, turns them
 into floats in registers and feeds them straight to `tl.dot` — the float matrix never exists, so
 the kernel reads 1 byte (int8) or ½ byte (int4) per weight instead of 2 (bf16). At decode time
 (M = 1…16 tokens) a linear layer is memory bound, so fewer bytes is directly less time.
@@ -39,7 +39,10 @@ except ImportError as e:  # the engine never needs this file; say how to get it
     raise ImportError("minillm.kernels.quant_matmul needs triton: pip install 'minillm[kernels]' "
                       "(Linux), or use QuantLinear's backend='reference'") from e
 
-GROUP_SIZES = (32, 64, 128, 256)  # as minillm.quant.GROUP_SIZES
+from minillm.compress.quant import GROUP_SIZES  # the int4 format and its group sizes live with the reference
+
+from .common import autotuned, bucket, check_runnable, dot_precision, is_interpreted
+
 DECODE_MAX_M = 16
 
 
@@ -113,8 +116,8 @@ def _quant_matmul_kernel(
         tl.atomic_add(y_ptrs, acc, mask=y_mask)
 
 
-# The interpreter runs kernels as numpy on CPU: there is nothing to tune, and each config costs time.
-INTERPRETED = "Interpreted" in type(_quant_matmul_kernel).__name__
+# Read once, through the one shared check; minillm.compress.quant asks it (and tests patch it) here.
+INTERPRETED = is_interpreted()
 
 
 def _zero_output(nargs):
@@ -122,41 +125,36 @@ def _zero_output(nargs):
     nargs["y_ptr"].zero_()
 
 
-def _config(bm, bn, bk, split_k, warps, stages, group_m=1):
-    kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, GROUP_M=group_m)
-    return triton.Config(kw, num_warps=warps, num_stages=stages, pre_hook=_zero_output if split_k > 1 else None)
+def _config(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, GROUP_M=1):
+    kw = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, GROUP_M=GROUP_M)
+    return triton.Config(kw, num_warps=warps, num_stages=stages, pre_hook=_zero_output if SPLIT_K > 1 else None)
 
 
-# Autotune lists: short on purpose (each config is compiled and timed on first use of a shape).
-# They are starting points from the Triton matmul tutorial's shapes, not yet timed on a GPU. To
-# re-tune, add configs here, run bench/test_quant_matmul.py on the GPU and keep the winners.
+# Launch configurations, short on purpose: each is compiled and timed on first use of a shape
+# (N, K, M bucket, bits, group size). They are starting points from the Triton matmul tutorial's
+# shapes, not yet timed on a GPU. To re-tune: run `pytest bench/test_quant_matmul.py
+# --benchmark-only` on the GPU with TRITON_PRINT_AUTOTUNING=1, keep the winners, drop the rest.
 DECODE_CONFIGS = [  # BLOCK_M = 16: tl.dot's smallest tile; rows past M are masked
-    _config(16, 32, 128, 4, 4, 4), _config(16, 64, 128, 4, 4, 4), _config(16, 64, 128, 2, 4, 3),
-    _config(16, 128, 128, 1, 4, 3), _config(16, 64, 64, 8, 4, 4), _config(16, 128, 64, 4, 4, 4),
-    _config(16, 64, 32, 8, 2, 4), _config(16, 128, 32, 4, 4, 5),
+    _config(16, 32, 128, 4, warps=4, stages=4), _config(16, 64, 128, 4, warps=4, stages=4),
+    _config(16, 64, 128, 2, warps=4, stages=3), _config(16, 128, 128, 1, warps=4, stages=3),
+    _config(16, 64, 64, 8, warps=4, stages=4), _config(16, 128, 64, 4, warps=4, stages=4),
+    _config(16, 64, 32, 8, warps=2, stages=4), _config(16, 128, 32, 4, warps=4, stages=5),
 ]
 PREFILL_CONFIGS = [
-    _config(128, 128, 64, 1, 8, 3, 8), _config(128, 64, 64, 1, 4, 4, 8), _config(64, 128, 64, 1, 4, 4, 8),
-    _config(64, 64, 64, 1, 4, 4, 8), _config(128, 128, 32, 1, 8, 4, 8), _config(64, 64, 32, 1, 4, 4, 8),
-    _config(128, 256, 64, 1, 8, 3, 8), _config(128, 128, 128, 1, 8, 3, 8),
+    _config(128, 128, 64, 1, warps=8, stages=3, GROUP_M=8), _config(128, 64, 64, 1, warps=4, stages=4, GROUP_M=8),
+    _config(64, 128, 64, 1, warps=4, stages=4, GROUP_M=8), _config(64, 64, 64, 1, warps=4, stages=4, GROUP_M=8),
+    _config(128, 128, 32, 1, warps=8, stages=4, GROUP_M=8), _config(64, 64, 32, 1, warps=4, stages=4, GROUP_M=8),
+    _config(128, 256, 64, 1, warps=8, stages=3, GROUP_M=8), _config(128, 128, 128, 1, warps=8, stages=3, GROUP_M=8),
 ]
-if INTERPRETED:  # one config each: small tiles, and split-K on so the atomic path is exercised
-    DECODE_CONFIGS = [_config(16, 32, 32, 2, 4, 1)]
-    PREFILL_CONFIGS = [_config(32, 32, 32, 1, 4, 1, 2)]
+# Under the interpreter: small tiles, and split-K on so that the atomic path is exercised.
+DECODE_INTERPRETER_CONFIG = _config(16, 32, 32, 2, warps=4, stages=1)
+PREFILL_INTERPRETER_CONFIG = _config(32, 32, 32, 1, warps=4, stages=1, GROUP_M=2)
+TUNING_KEY = ["N", "K", "M_BUCKET", "BITS", "GROUP_SIZE"]  # + tensor dtypes, implicitly
 
 
 def keep(config, args: dict) -> bool:
     """Drop configs that cannot run this call: an int4 K-tile must fit inside one group."""
     return args["BITS"] == 8 or config.kwargs["BLOCK_K"] <= args["GROUP_SIZE"]
-
-
-def _prune(configs, named_args, **kwargs):
-    return [c for c in configs if keep(c, {**named_args, **kwargs})]
-
-
-_TUNE = dict(key=["N", "K", "M_BUCKET", "BITS", "GROUP_SIZE"], prune_configs_by={"early_config_prune": _prune})
-_decode_kernel = triton.autotune(configs=DECODE_CONFIGS, **_TUNE)(_quant_matmul_kernel)
-_prefill_kernel = triton.autotune(configs=PREFILL_CONFIGS, **_TUNE)(_quant_matmul_kernel)
 
 
 def quant_matmul_fwd(x: torch.Tensor, weight_q: torch.Tensor, scales: torch.Tensor,
@@ -177,7 +175,12 @@ def quant_matmul_fwd(x: torch.Tensor, weight_q: torch.Tensor, scales: torch.Tens
     decode = M <= DECODE_MAX_M
     # decode sums K-slices into fp32 with atomics; prefill writes its tiles directly in x's dtype
     y = torch.empty(M, N, device=x.device, dtype=torch.float32 if decode else x.dtype)
-    kernel = _decode_kernel if decode else _prefill_kernel
+    if decode:
+        kernel = autotuned("quant_decode", _quant_matmul_kernel, DECODE_CONFIGS, DECODE_INTERPRETER_CONFIG,
+                           TUNING_KEY, keep)
+    else:
+        kernel = autotuned("quant_prefill", _quant_matmul_kernel, PREFILL_CONFIGS, PREFILL_INTERPRETER_CONFIG,
+                           TUNING_KEY, keep)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -185,12 +188,12 @@ def quant_matmul_fwd(x: torch.Tensor, weight_q: torch.Tensor, scales: torch.Tens
     stride_sg = scales.stride(1) if scales.dim() == 2 else 0
     kernel[grid](
         x2, weight_q, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
-        M, N, K, triton.next_power_of_2(M),
+        M, N, K, bucket(M),
         x2.stride(0), x2.stride(1), weight_q.stride(0), weight_q.stride(1), scales.stride(0), stride_sg,
         y.stride(0), y.stride(1),
         BITS=bits, GROUP_SIZE=G, HAS_BIAS=bias is not None,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 in, fp32-exact products
-    )
+        DOT_PRECISION=dot_precision(x.dtype),  # fp32 in, fp32-exact products
+    )  # BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, GROUP_M: from the autotuner
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
@@ -200,11 +203,6 @@ def _check(x, weight_q, scales, zeros, bias, scheme, group_size) -> None:
         raise ValueError(f"scheme must be 'int8' or 'int4', got {scheme!r}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.dtype == torch.bfloat16 and INTERPRETED:
-        # numpy has no bfloat16: the interpreter (checked with triton 3.9) returns garbage from a
-        # bf16 tl.dot. Refuse rather than answer wrongly; bf16 is tested on CUDA.
-        raise TypeError("the Triton interpreter (TRITON_INTERPRET=1) cannot run bf16 tl.dot: use "
-                        "float16/float32 activations on CPU, or a GPU")
     want = torch.int8 if scheme == "int8" else torch.uint8
     if weight_q.dtype != want:
         raise TypeError(f"{scheme} weight_q must be {want}, got {weight_q.dtype}")
@@ -214,10 +212,8 @@ def _check(x, weight_q, scales, zeros, bias, scheme, group_size) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         raise ValueError(f"all tensors must be on one device, got {devices}")
-    if x.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError("quant_matmul got CPU tensors: Triton kernels need a GPU. To run them on CPU "
-                           "(slowly) set TRITON_INTERPRET=1 before triton is first imported, or use "
-                           "QuantLinear's backend='reference'")
+    check_runnable(x, "quant_matmul", "move the model to the GPU, or use QuantLinear's backend='reference'",
+                   interpreted=INTERPRETED)
     if weight_q.dim() != 2:
         raise ValueError(f"weight_q must be 2-D (N, K or K/2), got shape {tuple(weight_q.shape)}")
     N, K = weight_q.shape[0], x.shape[-1]
@@ -259,7 +255,7 @@ class QuantMatmulFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from minillm.compress.quant import dequantize
+        from minillm.compress import dequantize
 
         weight_q, scales, zeros = ctx.saved_tensors
         w = dequantize(ctx.scheme, weight_q, scales, zeros, dy.dtype)  # (N, K)
