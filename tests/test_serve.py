@@ -267,6 +267,16 @@ BAD = [  # (id, raw body, status, param, a fragment of the message)
     ("empty-stop", {"prompt": "hi", "stop": [""]}, 400, "stop", "non-empty"),
     ("wrong-model", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "not served here"),
     ("too-big", b'{"prompt": "' + b"a" * 1_000_001 + b'"}', 413, None, "the limit is"),
+    # numbers no field can hold: 400 from validation, not a crash in torch.Generator.manual_seed
+    ("seed-2**64", {"prompt": "hi", "seed": 2**64}, 400, "seed", "less than or equal"),
+    ("seed-below-int64", {"prompt": "hi", "seed": -2**63 - 1}, 400, "seed", "greater than"),
+    ("top-k-huge", {"prompt": "hi", "top_k": 10**30}, 400, "top_k", "less than or equal"),
+    ("n-huge", {"prompt": "hi", "n": 2**64}, 400, "n", "less than or equal"),
+    ("max-tokens-2**64", {"prompt": "hi", "max_tokens": 2**64}, 400, "max_tokens", "less than or equal"),
+    ("int-5000-digits", b'{"prompt": "hi", "seed": 1' + b"0" * 5000 + b"}", 400, None, "not valid JSON"),
+    # nesting: too deep for the JSON parser, and deep but parseable inside a field
+    ("nested-100000", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None, "too deeply"),
+    ("nested-900", b'{"prompt": ' + b"[" * 900 + b"]" * 900 + b"}", 400, "prompt", "string"),
 ]
 
 
@@ -350,4 +360,5 @@ def test_full_queue_answers_429_and_waiting_clients_can_leave(small_server):
 
 def test_cli_errors_on_a_missing_checkpoint(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nope")]) == 2
-    assert "not a minillm checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nope" in err and ("not a minillm checkpoint" in err or "does not exist" in err), err

@@ -49,11 +49,15 @@ def cmd_serve(args, overrides: list[str]) -> int:
     model.to(dtype=dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
     api_key = args.api_key or os.environ.get("MINILLM_API_KEY") or None
-    app = build_app(model, tokenizer, name, args.max_batch_size, args.max_queue, api_key, args.seed)
+    # --cors-origin is repeatable and each may be a comma-separated list
+    origins = [o.strip() for value in args.cors_origin or [] for o in value.split(",") if o.strip()]
+    app = build_app(model, tokenizer, name, args.max_batch_size, args.max_queue, api_key, args.seed,
+                    cors_origins=origins)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"minillm serve: {name} ({n_params / 1e6:.2f}M parameters, block_size {model.cfg.block_size}) "
           f"on {device}/{args.dtype}; batch {args.max_batch_size}, queue {args.max_queue}, "
-          f"API key {'required' if api_key else 'not required'}", flush=True)
+          f"API key {'required' if api_key else 'not required'}; "
+          f"CORS {', '.join(origins) if origins else 'off'}", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print("warning: listening beyond localhost without an API key; anyone who can reach the "
               "port can use the model (set --api-key or MINILLM_API_KEY)", flush=True)
@@ -82,6 +86,9 @@ def add_parser(sub) -> None:
     p.add_argument("--api-key", "--api_key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MINILLM_API_KEY, else none; "
                         "prefer the variable: command lines are visible to other users in ps)")
+    p.add_argument("--cors-origin", "--cors_origin", action="append", default=None, metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000; '*' for any) call the API "
+                        "from a browser; repeat it or separate origins by commas (default: none)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and KV cache precision (bfloat16 halves memory on a GPU)")

@@ -25,12 +25,19 @@ step works on the view cache[:, :A] and never gathers.
 
 All model work happens on one background thread; `submit` and `cancel` are safe to call from others
 (minillm.cli.serve calls them from the asyncio event loop).
+
+Failures stay with the request that caused them. Prefill runs one request at a time, so a request
+whose prefill raises fails alone. Sampling and detokenizing are per row: if a group of rows fails
+to sample, each row is retried alone, and a row that still raises (or whose text cannot be decoded)
+ends with finish_reason "error", taking only its own request down. Only the shared decode forward
+itself, which no single request controls, fails the whole batch when it raises.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -135,6 +142,7 @@ class Request:
         self.emit = emit or (lambda event: None)  # called on the engine thread
         self.stream = stream  # False: one event per choice, at its end (fewer wake-ups for the caller)
         self.cancelled = False
+        self.finished: set[int] = set()  # choice indices that have ended
         self.generator = (torch.Generator().manual_seed(params.seed) if params.seed is not None
                           else None)
 
@@ -269,18 +277,21 @@ class BatchEngine:
                     while self.waiting and self.waiting[0].n_rows <= self.max_batch_size - len(self.rows) \
                             - sum(r.n_rows for r in admitted):
                         admitted.append(self.waiting.popleft())
-                try:
-                    for req in admitted:
-                        if not req.cancelled:  # its client may have left while it was being admitted
+                for req in admitted:
+                    if not req.cancelled:  # its client may have left while it was being admitted
+                        try:
                             self._prefill(req)
+                        except Exception as e:  # this request's own prompt failed: only it fails
+                            log.exception("prefill failed")
+                            self._fail(req, e)
+                try:
                     self._leave([r for r in self.rows if r.req.cancelled])
                     if self.rows:
                         self._decode_step()
                 except Exception as e:  # a failed step must not kill the server: fail its requests
                     log.exception("decode step failed")
-                    for req in {r.req for r in self.rows} | set(admitted):
-                        for i in range(req.n_rows):
-                            req.emit(Event(i, "", "error", 0, error=f"{type(e).__name__}: {e}"))
+                    for req in {r.req for r in self.rows}:
+                        self._fail(req, e)
                     self.rows.clear()
                     self.cache.lengths = [0] * self.max_batch_size
 
@@ -302,7 +313,7 @@ class BatchEngine:
             tokens = self._sample(logits[:, -1, :].expand(req.n, -1), new)  # (n, V) -> n ids
             for row, t in zip(new, tokens):
                 self._append(row, t)
-        self._leave([r for r in self.rows if r.done])
+        self._leave([r for r in self.rows if r.done or r.req.cancelled])
 
     def _decode_step(self) -> None:
         A = len(self.rows)
@@ -317,27 +328,68 @@ class BatchEngine:
         self.stats.batch_rows[A] += 1
         for row, t in zip(list(self.rows), tokens):
             self._append(row, t)
-        self._leave([r for r in self.rows if r.done])
+        self._leave([r for r in self.rows if r.done or r.req.cancelled])
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """One token per row; rows sharing sampling settings (and generator) are sampled together."""
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int | None]:
+        """One token per row; rows sharing sampling settings (and generator) are sampled together.
+
+        A group that raises is retried row by row, so that one bad row cannot take its group's
+        other rows with it; a row that fails alone gets None, and its request fails."""
         groups: dict[tuple, list[int]] = collections.defaultdict(list)
         for b, r in enumerate(rows):
             p = r.req.params
             key = (0.0,) if p.temperature == 0 else (p.temperature, p.top_k, p.top_p, id(r.req.generator))
             groups[key].append(b)
-        out = [0] * len(rows)
-        for key, members in groups.items():
+        out: list[int | None] = [None] * len(rows)
+
+        def draw(members: list[int]) -> list[int]:
             p, gen = rows[members[0]].req.params, rows[members[0]].req.generator
             sub = logits[torch.tensor(members, device=logits.device)]  # (b, V)
-            ids = sample_next(sub, p.temperature, p.top_k, p.top_p if p.top_p < 1 else None,
-                              gen or self.generator).tolist()
-            for b, t in zip(members, ids):
-                out[b] = t
+            return sample_next(sub, p.temperature, p.top_k, p.top_p if p.top_p < 1 else None,
+                               gen or self.generator).tolist()
+
+        for key, members in groups.items():
+            try:
+                for b, t in zip(members, draw(members)):
+                    out[b] = t
+            except Exception:
+                if len(members) == 1:
+                    self._fail_row(rows[members[0]])
+                    continue
+                for b in members:  # find the row(s) at fault; the others still get their token
+                    try:
+                        out[b] = draw([b])[0]
+                    except Exception:
+                        self._fail_row(rows[b])
         return out
 
-    def _append(self, row: _Row, token: int) -> None:
-        """Record a token, report the text that became final, and mark the row done when it ends."""
+    def _fail_row(self, row: _Row) -> None:
+        """Fail `row`'s request, with the exception being handled (called inside `except`)."""
+        log.exception("sampling or decoding failed for one row")
+        self._fail(row.req, sys.exc_info()[1])
+
+    def _fail(self, req: Request, e: BaseException) -> None:
+        """End every unfinished choice of `req` with finish_reason "error"; its rows leave next."""
+        if req.cancelled:  # already failed (or its client left): nobody is waiting for more
+            return
+        req.cancelled = True
+        for i in range(req.n_rows):
+            if i not in req.finished:
+                req.emit(Event(i, "", "error", 0, error=f"{type(e).__name__}: {e}"))
+
+    def _append(self, row: _Row, token: int | None) -> None:
+        """Record a token, report the text that became final, and mark the row done when it ends.
+
+        Any exception here (a token id the tokenizer cannot decode, say) fails this row's request
+        only. token None: sampling already failed this row."""
+        if token is None or row.req.cancelled:
+            return
+        try:
+            self._append_token(row, token)
+        except Exception:
+            self._fail_row(row)
+
+    def _append_token(self, row: _Row, token: int) -> None:
         p = row.req.params
         self.stats.generated_tokens += 1
         finish = None
@@ -357,6 +409,8 @@ class BatchEngine:
             row.req.emit(Event(row.index, text[row.emitted:end], finish, len(row.ids)))
             row.emitted = end
         row.done = finish is not None
+        if row.done:
+            row.req.finished.add(row.index)
 
     def _leave(self, leaving: list[_Row]) -> None:
         """Free the rows' slots, moving the last active row into each hole to keep rows packed."""

@@ -61,21 +61,44 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) of the last position -> next token ids (B,)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    """logits (B, V) of the last position -> next token ids (B,).
+
+    Written so that no temperature > 0 can turn a row into NaN: softmax(z / τ) is computed as
+    softmax((z - max z) / τ). The shift changes nothing mathematically (softmax is invariant to
+    adding a constant), but it makes the best logit exactly 0, and 0 / τ = 0 for every τ > 0, so the
+    most likely token always keeps a finite weight while the others go to -inf at worst. The division
+    runs in float64: a τ such as 1e-300 is 0 in float32, and 0 / 0 is NaN. A row with no usable
+    logit (NaN, +inf, or all -inf) has no distribution to sample from: ValueError, naming the rows.
+    """
+    if not (0.0 <= temperature < float("inf")):  # also refuses NaN, which fails every comparison
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     logits = logits.float()
+    _check_rows(logits)
     if temperature == 0:  # greedy: top-k / top-p cannot change the argmax
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # (B, V), max 0 per row, the rest <= 0
+    logits = (shifted.double() / temperature).float()  # <= 0 or -inf: never NaN, never +inf
     if top_k is not None:
-        logits = top_k_filter(logits, top_k)
+        logits = top_k_filter(logits, top_k)  # keeps the 0 (the max), so a finite logit survives
     if top_p is not None and top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
+        logits = top_p_filter(logits, top_p)  # always keeps the most likely token
+    probs = torch.softmax(logits, dim=-1)  # (B, V): the max term is exp(0) = 1, so the sum is >= 1
     # sample on the generator's device (a CPU generator cannot drive CUDA sampling)
     gen_device = generator.device if generator is not None else probs.device
     return torch.multinomial(probs.to(gen_device), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def _check_rows(logits: torch.Tensor) -> None:
+    """Raise ValueError if a row of (B, V) logits cannot define a distribution.
+
+    NaN and +inf have no place among logits (they come from an overflowing model, and make
+    z - max z NaN); a row that is all -inf gives every token probability 0."""
+    bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1) \
+        | torch.isneginf(logits).all(dim=-1)  # (B,)
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(f"logits of row(s) {rows[:8]} contain NaN or +inf, or are all -inf: "
+                         f"nothing to sample from")
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:

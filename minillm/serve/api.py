@@ -13,11 +13,22 @@ How a request flows: the event loop validates it, tokenizes it and puts it in th
 requests, streaming tokens, and noticing clients that hang up (their rows leave the batch at once).
 
 Input rules. Unknown fields, bad types and out-of-range values are 400 with OpenAI's error shape
-{"error": {"message", "type", "param", "code"}}. max_tokens is 1 .. block_size-1. A prompt longer
+{"error": {"message", "type", "param", "code"}}, and so is everything else a client can get wrong:
+bodies that are not UTF-8 or not JSON, JSON nested too deep to parse, integers beyond 64 bits.
+max_tokens is 1 .. block_size-1. A temperature below MIN_TEMPERATURE is greedy, like 0 (vLLM does
+the same below 1e-5): softmax(z / τ) is the argmax's one-hot long before τ reaches 0. A prompt longer
 than block_size - max_tokens tokens is CROPPED to its last block_size - max_tokens tokens (as nanoGPT
 crops to the context), so prompt + completion always fits the KV cache; usage.prompt_tokens reports
-the tokens actually used. A full queue answers 429 with Retry-After. With an API key, /v1/* needs
-`Authorization: Bearer KEY`; /health and /metrics stay open for probes and scrapers.
+the tokens actually used. A full queue answers 429 with Retry-After.
+
+Hostile clients. The body is read in pieces and reading stops past MAX_BODY_BYTES (413, connection
+closed), whether or not it declared a Content-Length, so an endless upload costs no memory. POST
+bodies must be declared JSON (application/json or application/*+json; 415 otherwise): a web page can
+send a cross-site text/plain or form POST without asking the user, but not a JSON one. With an API
+key, /v1/* and /openapi.json need `Authorization: Bearer KEY` (any string is a key: it is compared
+as UTF-8 bytes, in constant time); /health and /metrics stay open for probes and scrapers. Browsers
+get CORS headers only for the origins given in `cors_origins`. A request that fails while its rows
+are being sampled fails alone (minillm.generate.batching), never its neighbours in the batch.
 
     app = build_app(model, tokenizer, "shakespeare", max_batch_size=16, max_queue=64)
     uvicorn.run(app, port=8000)          # what `minillm serve` does
@@ -29,6 +40,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import time
 import uuid
 
@@ -37,6 +49,7 @@ from minillm.generate.batching import BatchEngine, Event, QueueFull, Request, Sa
 try:
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
+    from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -47,6 +60,8 @@ except ImportError as e:
 MAX_STOP = 4  # OpenAI's limit on stop strings
 MAX_BODY_BYTES = 1_000_000  # far more than any context holds; refuses to tokenize megabytes
 RETRY_AFTER_S = 1  # what a 429 tells clients to wait
+MIN_TEMPERATURE = 1e-2  # 0 < temperature < this is greedy: at τ = 0.01 a logit gap of 0.1 is e^-10
+INT64 = 2**63 - 1  # bound for integer fields: the JSON number 10**100 is a 400, not a crash later
 
 
 class APIError(Exception):
@@ -69,14 +84,16 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None  # optional: there is only one model; if given it must be its id
     prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)  # OpenAI's default; the upper bound depends on block_size
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy
+    max_tokens: int = Field(16, ge=1, le=INT64)  # OpenAI's default; the real bound is block_size - 1
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy (and so is 0 < τ < MIN_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)  # not in OpenAI's API; vLLM and llama.cpp accept it
-    n: int = Field(1, ge=1)
+    top_k: int | None = Field(None, ge=1, le=INT64)  # not in OpenAI's API; vLLM and llama.cpp accept it
+    n: int = Field(1, ge=1, le=INT64)  # the real bound is max_batch_size
     stop: str | list[str] | None = None
     stream: bool = False
-    seed: int | None = None  # same seed, same request -> same text, whatever else is being served
+    # same seed, same request -> same text, whatever else is being served; the range is what
+    # torch.Generator.manual_seed takes (negative seeds wrap around, so llama.cpp's -1 works too)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     user: str | None = None  # accepted for client compatibility, not used
 
 
@@ -176,11 +193,61 @@ def _no_nan(constant: str):
     raise ValueError(f"{constant} is not a JSON value")
 
 
+def _is_json(content_type: str) -> bool:
+    """application/json or application/<something>+json, with no charset but UTF-8 (RFC 8259 §8.1)."""
+    media, *params = [part.strip().lower() for part in content_type.split(";")]
+    if not (media == "application/json" or re.fullmatch(r"application/[\w.+-]+\+json", media)):
+        return False
+    charsets = [p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")]
+    return all(c in ("utf-8", "utf8") for c in charsets)
+
+
+async def read_body(request: HTTPRequest, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, read piece by piece, refusing (413) as soon as it passes `limit` bytes.
+
+    Checking len(await request.body()) would come too late: that reads the whole body into memory
+    first, and a chunked upload (no Content-Length) can be any size. A declared Content-Length is
+    refused before reading anything. Connection: close, because the rest of the upload is unread
+    and the connection cannot carry another request until it is."""
+    def too_large(size: str) -> APIError:
+        return APIError(413, f"request body is {size} bytes; the limit is {limit:,}",
+                        headers={"Connection": "close"})
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(f"{int(declared):,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"more than {limit:,}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_origins(origins: list[str]) -> list[str]:
+    """CORS origins as browsers send them: scheme://host[:port], no path, no trailing slash; or *."""
+    for o in origins:
+        if o != "*" and not re.fullmatch(r"https?://[^/\s]+", o):
+            raise ValueError(f"CORS origin {o!r} is not scheme://host[:port] (e.g. "
+                             f"'http://localhost:3000', no trailing slash) or '*'")
+    return origins
+
+
 def build_app(model, tokenizer, model_name: str = "minillm", max_batch_size: int = 16,
-              max_queue: int = 64, api_key: str | None = None, seed: int = 0) -> FastAPI:
-    """The FastAPI app around a loaded model; the engine thread starts and stops with the app."""
+              max_queue: int = 64, api_key: str | None = None, seed: int = 0,
+              cors_origins: list[str] | tuple[str, ...] = ()) -> FastAPI:
+    """The FastAPI app around a loaded model; the engine thread starts and stops with the app.
+
+    api_key: if given, /v1/* and /openapi.json need `Authorization: Bearer KEY`.
+    cors_origins: web origins whose pages may call the API from a browser ("*" for any); none by
+    default, so a browser only lets pages served by this same origin read the answers.
+    """
     if tokenizer is None:
         raise ValueError("serving needs the checkpoint's tokenizer.json (text in, text out)")
+    if api_key is not None and api_key == "":
+        raise ValueError("api_key must be a non-empty string (or None for no key)")
+    cors_origins = _check_origins(list(cors_origins))
     eos = next((tokenizer.special_tokens[s] for s in ("<|endoftext|>", "</s>", "[EOS]")
                 if s in getattr(tokenizer, "special_tokens", {})), None)
     engine = BatchEngine(model, tokenizer, max_batch_size, max_queue, eos_id=eos, seed=seed)
@@ -193,9 +260,18 @@ def build_app(model, tokenizer, model_name: str = "minillm", max_batch_size: int
         yield
         engine.shutdown()
 
-    app = FastAPI(title="minillm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # /docs and /redoc stay off (their pages load scripts from a CDN); /openapi.json is a route
+    # below, so that it can ask for the API key like /v1/*
+    app = FastAPI(title="minillm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics = engine, metrics
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if cors_origins:
+        # answers preflight OPTIONS itself (browsers send them without the Authorization header),
+        # and adds Access-Control-Allow-Origin to answers for the allowed origins only. No
+        # credentials: the key travels in a header the page sets, not in a cookie.
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Retry-After"])
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost: counts everything
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -210,14 +286,23 @@ def build_app(model, tokenizer, model_name: str = "minillm", max_batch_size: int
         return APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404
                         else None).response()
 
+    key = api_key.encode("utf-8") if api_key is not None else None
+
     def check_auth(request: HTTPRequest) -> None:
-        if api_key is None:
+        if key is None:
             return
-        given = request.headers.get("authorization", "")
-        # compare_digest: the time taken does not reveal how many leading characters were right
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), api_key.encode())):
+        # Starlette decodes header bytes as latin-1, so encoding back gives the bytes that were
+        # sent: a UTF-8 key arrives as its UTF-8 bytes. The scheme is case-insensitive (RFC 9110).
+        scheme, _, given = request.headers.get("authorization", "").encode("latin-1").partition(b" ")
+        # compare_digest: the time taken does not reveal how many leading bytes were right
+        if not (scheme.lower() == b"bearer" and hmac.compare_digest(given.lstrip(b" "), key)):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: HTTPRequest):
+        check_auth(request)
+        return JSONResponse(app.openapi())
 
     @app.get("/health")
     async def health():
@@ -237,17 +322,17 @@ def build_app(model, tokenizer, model_name: str = "minillm", max_batch_size: int
                                             "owned_by": "minillm", "max_model_len": block_size}]}
 
     def parse(body: bytes) -> CompletionRequest:
-        if len(body) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body is {len(body):,} bytes; the limit is {MAX_BODY_BYTES:,}")
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as e:
             bad = body[e.start:e.start + 1]
             raise APIError(400, f"request body is not valid UTF-8 (byte {e.start}: {bad!r})")
-        try:
+        try:  # ValueError includes integers of more than 4300 digits (sys.int_info)
             obj = json.loads(text, parse_constant=_no_nan)
         except ValueError as e:
             raise APIError(400, f"request body is not valid JSON: {e}")
+        except RecursionError:  # [[[[...]]]]: the parser recurses once per level
+            raise APIError(400, "request body nests JSON arrays/objects too deeply")
         if not isinstance(obj, dict):
             raise APIError(400, "request body must be a JSON object")
         try:  # strict: "5" is not an integer and true is not 1 (no silent coercion)
@@ -255,6 +340,8 @@ def build_app(model, tokenizer, model_name: str = "minillm", max_batch_size: int
         except ValidationError as e:
             message, param = _validation_message(e)
             raise APIError(400, message, param=param)
+        except RecursionError:  # deep, but not too deep for json.loads: {"prompt": [[[...]]]}
+            raise APIError(400, "request body nests JSON arrays/objects too deeply")
 
     def prepare(req: CompletionRequest) -> tuple[list[list[int]], SamplingParams]:
         if req.model is not None and req.model != model_name:
@@ -281,7 +368,8 @@ def build_app(model, tokenizer, model_name: str = "minillm", max_batch_size: int
             except ValueError as e:  # e.g. a character outside a CharTokenizer's vocabulary
                 raise APIError(400, f"prompt cannot be tokenized: {e}", param="prompt")
             ids.append(tokens[-(block_size - req.max_tokens):])  # crop: keep the most recent tokens
-        params = SamplingParams(req.max_tokens, req.temperature, req.top_k, req.top_p, tuple(stops), req.seed)
+        temperature = 0.0 if req.temperature < MIN_TEMPERATURE else req.temperature  # greedy
+        params = SamplingParams(req.max_tokens, temperature, req.top_k, req.top_p, tuple(stops), req.seed)
         return ids, params
 
     async def watch_disconnect(request: HTTPRequest, queue: asyncio.Queue) -> None:
@@ -295,8 +383,12 @@ def build_app(model, tokenizer, model_name: str = "minillm", max_batch_size: int
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        check_auth(request)
-        body = parse(await request.body())
+        check_auth(request)  # before reading anything: strangers cannot make us read bodies
+        content_type = request.headers.get("content-type", "")
+        if not _is_json(content_type):
+            raise APIError(415, f"Content-Type must be application/json (UTF-8), got "
+                           f"{content_type[:100]!r}", code="unsupported_media_type")
+        body = parse(await read_body(request))
         # tokenizing a long prompt (pure-Python BPE) would stall every stream: do it off the loop
         prompt_ids, params = await asyncio.to_thread(prepare, body)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()  # Event | None (client left)

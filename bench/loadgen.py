@@ -1,9 +1,12 @@
 """Load test for `minillm serve`: N concurrent clients send a fixed number of completions; no errors allowed.
 
-    python -m bench.load_test                                  random "tiny" model, 1..16 clients
-    python -m bench.load_test --checkpoint out/shakespeare --concurrency 1,4,16 --requests 128
-    python -m bench.load_test --url http://host:8000 --api-key KEY     an already-running server
-    python -m bench.load_test --out /tmp/load.json --plot /tmp/load.png
+    python -m bench.loadgen                                  random "tiny" model, 1..16 clients
+    python -m bench.loadgen --checkpoint out/shakespeare --concurrency 1,4,16 --requests 128
+    python -m bench.loadgen --url http://host:8000 --api-key KEY     an already-running server
+    python -m bench.loadgen --out /tmp/load.json --plot /tmp/load.png
+
+Needs the serve extra (pip install 'minillm[serve]'). A load generator, not a test module: the
+benchmark that uses it under pytest is bench/test_serve_load.py.
 
 Each level runs `--requests` completions of `--max-tokens` tokens through `--concurrency` clients
 (asyncio + httpx, one connection each; a client sends its next request when the last one returns)
@@ -32,7 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+try:
+    import httpx
+except ImportError as e:  # an optional extra: say which one
+    raise ImportError("bench/loadgen.py needs httpx: pip install 'minillm[serve]'") from e
 
 PROMPT = "ROMEO:\nShall I"
 
@@ -187,7 +193,7 @@ def plot(summary: dict, path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.load_test", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", help="checkpoint to serve (default: a random 'tiny' model)")
     p.add_argument("--url", help="test this running server instead of starting one")
