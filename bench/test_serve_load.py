@@ -1,16 +1,23 @@
-"""`minillm serve` under load: 1 client, then 16 at once, against a real server (see bench/load_test.py).
+"""`minillm serve` under load: 1 client, then 16 at once, against a real server (see bench/loadgen.py).
 
     pytest bench/test_serve_load.py                         timed once; figures in extra_info
-    python -m bench.load_test                               the full sweep, table, JSON and plot
+    python -m bench.loadgen                                 the full sweep, table, JSON and plot
 
 Zero errors is asserted; the batching gain (requests/s at 16 clients over 1 client; target ≥ 4×
 with the tiny model on a CPU) is recorded, not asserted: speed goals live in reports, not in tests.
+Needs the serve extra (httpx for the clients, FastAPI and uvicorn for the server); without it the
+suite is skipped, saying what to install.
 """
 
 from __future__ import annotations
 
-from bench import common
-from bench.load_test import run_load, serve, tiny_checkpoint
+import pytest
+
+for _module in ("httpx", "fastapi", "uvicorn"):
+    pytest.importorskip(_module, reason=f"needs {_module}: pip install 'minillm[serve]'")
+
+from bench import common  # noqa: E402
+from bench.loadgen import run_load, serve, tiny_checkpoint  # noqa: E402
 
 QUICK = common.SIZE == "quick"
 N_REQUESTS = 16 if QUICK else 128

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minillm import CausalLM, ModelConfig
-from minillm.checkpoint import CONFIG_FILE, load_model, save_model
+from minillm.checkpoint import CONFIG_FILE, CheckpointError, load_model, save_model
 from minillm.files import atomic_write
 
 
@@ -36,7 +36,7 @@ def test_not_a_checkpoint_and_incomplete_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a minillm checkpoint"):
         load_model(tmp_path)
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"model": {}, "quantization": {"scheme": "int8"}}))
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="model.safetensors: missing"):
         load_model(tmp_path)
 
 

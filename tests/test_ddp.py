@@ -27,7 +27,8 @@ def losses(out_dir):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="this PyTorch build has no torch.distributed")
-def test_two_process_ddp_matches_single_process(tmp_path):
+@pytest.mark.parametrize("ddp_accum", [2, 1], ids=["accum2", "accum1-rounded-up"])
+def test_two_process_ddp_matches_single_process(tmp_path, ddp_accum):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
     common = dict(max_iters=STEPS, eval_interval=STEPS, eval_iters=1, log_interval=1, batch_size=4,
@@ -35,13 +36,17 @@ def test_two_process_ddp_matches_single_process(tmp_path):
                   cache_dir=str(tmp_path / "cache"))
     model = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
 
+    # accumulation 1 over 2 processes (the default, as the README's torchrun line runs it) is rounded
+    # up to one micro-batch per process: the same global batch as accumulation 2
+    ddp_args = {**common, **model, "gradient_accumulation_steps": ddp_accum}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "minillm.cli", "train", "--preset=tiny", "--data", str(corpus), "--sample_tokens=0",
-           f"--out_dir={tmp_path / 'ddp'}", *[f"--{k}={v}" for k, v in {**common, **model}.items()]]
+           f"--out_dir={tmp_path / 'ddp'}", *[f"--{k}={v}" for k, v in ddp_args.items()]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 processes" in run.stdout
+    assert ("using 2 (one or more micro-batches per process)" in run.stdout) == (ddp_accum == 1)
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -6,21 +6,38 @@ does not make: GPU names from our list, multi-node runs wired from the node-rank
 benchmark sweep building one task per GPU. SkyPilot is a dev dependency: if it cannot be imported,
 these tests fail (they are never skipped). sky.launch and friends are replaced by functions that
 fail, so a test that tried to start a machine would fail instead.
+
+What the task files install is checked against what the code imports: `pytest bench` is collected
+in a subprocess where every installed distribution that bench.yaml's `pip install` would not bring
+is unimportable, so a suite importing an extra the GPU node lacks fails here, not on a paid GPU.
 """
 
 import base64
 import gzip
+import importlib.util
 import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import sky  # noqa: E402  (one import: it takes seconds)
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from bench import cloud
 from bench.cloud import main
+from minillm.cli import build_parser
 
-SKY_DIR = Path(__file__).resolve().parent.parent / "sky"
+REPO = Path(__file__).resolve().parent.parent
+SKY_DIR = REPO / "sky"
 YAMLS = sorted(SKY_DIR.glob("*.yaml"))
 NODE_VARS = ("SKYPILOT_NODE_IPS", "SKYPILOT_NUM_NODES", "SKYPILOT_NODE_RANK", "SKYPILOT_NUM_GPUS_PER_NODE")
 
@@ -93,7 +110,8 @@ def test_train_is_a_recoverable_spot_job():
     (mount, storage), = task.storage_mounts.items()
     assert storage.name == "minillm-test-bucket"
     assert f"OUT={mount}/" in task.run and '--out_dir="$OUT"' in task.run
-    assert "--resume=true" in task.run and "config.json" in task.run  # resume only from a finished save
+    # resume only from a complete save, by the rule `minillm train --resume=true` uses
+    assert "--resume=true" in task.run and "minillm checkpoints" in task.run
     assert "minillm train" in task.run
 
 
@@ -206,3 +224,186 @@ def test_cloud_help_explains(capsys):
     text = capsys.readouterr().out
     for words in ("--gpus", "--bucket", "--dryrun-print", "torn down", "sky/bench.yaml"):
         assert words in text
+
+
+# --- What the task files run and install ------------------------------------------------------
+
+def shell_commands(script: str) -> list[list[str]]:
+    """A task's setup/run script as words, one list per command line (continuations joined)."""
+    return [shlex.split(line, comments=True) for line in script.replace("\\\n", " ").splitlines()
+            if shlex.split(line, comments=True)]
+
+
+PIP_OPTIONS_WITH_VALUE = {"-i", "--index-url", "--extra-index-url", "-f", "--find-links", "-c",
+                          "--constraint"}
+
+
+def pip_requirements(script: str) -> list[str]:
+    """Every requirement that a `pip install` in the script names: ['.[kernels]', 'pytest>=8', ...]."""
+    reqs = []
+    for words in shell_commands(script):
+        for i in (i for i in range(1, len(words)) if words[i - 1:i + 1] == ["pip", "install"]):
+            rest = iter(words[i + 1:])
+            for w in rest:
+                if w in ("&&", "||", ";", "|"):
+                    break
+                if w in ("-r", "--requirement"):
+                    raise AssertionError("a requirements file: list the packages in the task file instead")
+                if w in PIP_OPTIONS_WITH_VALUE:
+                    next(rest)
+                elif not w.startswith("-"):
+                    reqs.append(w)
+    return reqs
+
+
+def installed_closure(requirements: list[str]) -> set[str]:
+    """The distributions `pip install REQUIREMENTS` brings, as canonical names, following the
+    dependencies of what is installed here; "." or ".[extra,...]" is this checkout (pyproject.toml)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names, seen, todo = set(), set(), [(r, frozenset()) for r in requirements]
+    while todo:
+        spec, parent_extras = todo.pop()
+        spec = re.sub(r"^\.(?=\[|$)", project["name"], spec)  # ".[kernels]" -> "minillm[kernels]"
+        req = Requirement(spec)
+        if req.marker and not any(req.marker.evaluate({"extra": e}) for e in parent_extras or {""}):
+            continue
+        name = canonicalize_name(req.name)
+        if (name, frozenset(req.extras)) in seen:
+            continue
+        seen.add((name, frozenset(req.extras)))
+        names.add(name)
+        if name == canonicalize_name(project["name"]):
+            extras = project["optional-dependencies"]
+            deps = project["dependencies"] + [d for e in req.extras for d in extras[e]]
+            todo += [(d, frozenset()) for d in deps]
+        else:
+            try:
+                deps = metadata.distribution(name).requires or []
+            except metadata.PackageNotFoundError:
+                continue  # not installed here, so nothing here to hide either
+            todo += [(d, frozenset(req.extras)) for d in deps]
+    return names
+
+
+# Run pytest with some top-level modules unimportable, as if their distributions were not installed.
+HIDE_AND_RUN_PYTEST = """
+import importlib.abc, sys
+HIDDEN = set(sys.argv.pop(1).split(","))
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in HIDDEN:
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden: the task does not install it)",
+                                      name=name)
+sys.meta_path.insert(0, NotInstalled())
+import pytest
+sys.exit(pytest.main(sys.argv[1:]))
+"""
+
+
+def pytest_with_only(installed: set[str], args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m pytest ARGS` with only the distributions in `installed` importable (plus pip,
+    setuptools and wheel, which every Python has) and only their pytest plugins loaded."""
+    allowed = installed | {"pip", "setuptools", "wheel"}
+    tops = metadata.packages_distributions()
+    hidden = {top for top, dists in tops.items() if not {canonicalize_name(d) for d in dists} & allowed}
+    plugins = [arg for ep in metadata.entry_points(group="pytest11")
+               if canonicalize_name(ep.dist.name) in allowed for arg in ("-p", ep.value)]
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # plugins of hidden packages stay out
+    command = [sys.executable, "-c", HIDE_AND_RUN_PYTEST, ",".join(sorted(hidden)), *plugins, *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def bench_pytest_args() -> list[str]:
+    """The arguments of bench.yaml's `python -m pytest` (those naming shell variables dropped)."""
+    run = yaml.safe_load((SKY_DIR / "bench.yaml").read_text())["run"]
+    (words,) = [w for w in shell_commands(run) if w[:3] == ["python", "-m", "pytest"]]
+    words = words[3:words.index("||")] if "||" in words else words[3:]
+    return [w for w in words if "$" not in w]
+
+
+BENCH_SUITES = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "bench").glob("test_*.py"))
+
+
+def test_pip_requirements_are_read_from_the_setup():
+    script = ('set -e\npip install -q -e ".[kernels]" "pytest>=8" \\\n'
+              '   x==1 --index-url https://i/cpu && echo done\n')
+    assert pip_requirements(script) == [".[kernels]", "pytest>=8", "x==1"]
+    closure = installed_closure([".[serve]"])
+    assert {"minillm", "torch", "fastapi", "httpx"} <= closure and "skypilot" not in closure
+
+
+def test_bench_collects_with_only_what_bench_yaml_installs():
+    """The GPU node has exactly bench.yaml's `pip install`: every suite must import with that."""
+    setup = yaml.safe_load((SKY_DIR / "bench.yaml").read_text())["setup"]
+    installed = installed_closure(pip_requirements(setup))
+    assert {"minillm", "pytest", "pytest-benchmark"} <= installed
+    assert not installed & {"skypilot", "transformers", "jupyter", "onnx"}  # the dev extras stay out
+    r = pytest_with_only(installed, [*bench_pytest_args(), "--collect-only"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    collected = {line.split("::")[0] for line in r.stdout.splitlines() if "::" in line}
+    assert collected == set(BENCH_SUITES), f"collected {sorted(collected)}: want bench/test_*.py, no more"
+
+
+def test_serve_suite_skips_without_the_serve_extra():
+    installed = installed_closure([".[kernels]", "pytest", "pytest-benchmark"])
+    assert "httpx" not in installed and "fastapi" not in installed
+    suites = ["bench/test_serve_load.py", "bench/test_generate.py"]  # two suites are enough, and quick
+    r = pytest_with_only(installed, [*suites, "--collect-only", "-q", "-p", "no:cacheprovider"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "SKIPPED" in r.stdout and "pip install 'minillm[serve]'" in r.stdout
+    assert "bench/test_serve_load.py::" not in r.stdout and "bench/test_generate.py::" in r.stdout
+
+
+def run_setup(tmp_path, name: str, gpu: bool) -> list[list[str]]:
+    """Run a task's setup script with a `pip` that records its arguments (and nvidia-smi or not)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "pip.log"
+    bin_dir.mkdir()
+    fakes = {"pip": f'#!/bin/sh\necho "$@" >> "{log}"\n'}
+    if gpu:
+        fakes["nvidia-smi"] = "#!/bin/sh\n"
+    for fake, text in fakes.items():
+        (bin_dir / fake).write_text(text)
+        (bin_dir / fake).chmod(stat.S_IRWXU)
+    setup = yaml.safe_load((SKY_DIR / name).read_text())["setup"]
+    subprocess.run(["/bin/bash", "-c", setup], env={"PATH": str(bin_dir)}, cwd=tmp_path, check=True,
+                   timeout=30)
+    return [line.split() for line in log.read_text().splitlines()]
+
+
+def test_serve_installs_the_cpu_torch_wheel_on_cpu_replicas(tmp_path):
+    cpu_torch, serve = run_setup(tmp_path, "serve.yaml", gpu=False)
+    assert cpu_torch[0] == "install" and "--index-url" in cpu_torch
+    assert cpu_torch[cpu_torch.index("--index-url") + 1] == "https://download.pytorch.org/whl/cpu"
+    (pin,) = [Requirement(w) for w in cpu_torch if w.startswith("torch")]
+    (wanted,) = [Requirement(d) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+                 ["dependencies"] if d.startswith("torch")]
+    (version,) = [s.version for s in pin.specifier if s.operator == "=="]  # pinned, not "latest"
+    assert wanted.specifier.contains(version), f"torch {version} does not satisfy pyproject's {wanted}"
+    assert serve[0] == "install" and '.[serve]' in serve  # after torch, so pip keeps the CPU build
+
+
+def test_serve_keeps_the_cuda_torch_wheel_on_gpu_replicas(tmp_path):
+    (serve,) = run_setup(tmp_path, "serve.yaml", gpu=True)
+    assert ".[serve]" in serve and "--index-url" not in serve
+
+
+SUBCOMMANDS = set(next(a for a in build_parser()._actions if a.dest == "command").choices)
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_task_files_name_what_exists(path):
+    """Commands, modules and files that a task file runs or tells the reader to run exist in the
+    repository: `python -m bench.cloud`, `minillm serve`, bench/loadgen.py (not renamed or removed)."""
+    text = path.read_text()
+    config = yaml.safe_load(text)
+    code = [config.get("setup") or "", config.get("run") or ""]
+    code += re.findall(r"^#\s{3,}(.+)$", text, flags=re.M)  # indented command examples in comments
+    code += re.findall(r"`([^`]+)`", text)
+    code = "\n".join(code)
+    for module in re.findall(r"python -m ([\w.]+)", code):
+        assert importlib.util.find_spec(module), f"{path.name}: python -m {module}: no such module"
+    for command in re.findall(r"(?:^\s*|[;&|(]\s*|-m\s+)minillm(?:\.cli)? ([a-z][\w-]*)", code, flags=re.M):
+        assert command in SUBCOMMANDS, f"{path.name}: `minillm {command}` is not a command"
+    repo_path = r"\b((?:bench|sky|minillm|kernels|notebooks|tests)/[\w/.-]+\.(?:py|yaml|ipynb))"
+    for file in re.findall(repo_path, text):
+        assert (REPO / file).is_file(), f"{path.name} refers to {file}, which does not exist"

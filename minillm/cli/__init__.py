@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "minillm.cli.info",
     "minillm.cli.data",
     "minillm.cli.train",
+    "minillm.cli.checkpoints",
     "minillm.cli.generate",
     "minillm.cli.quantize",
     "minillm.cli.export",
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         # bad input, a missing file, or an optional extra not installed: the message says what to do
         print(f"minillm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (`train` says more itself)
+        print(f"minillm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from minillm.checkpoint import load_model
+from minillm.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
 from minillm.model.config import ModelConfig, split_overrides
 from minillm.serve.export import EXPORTERS, compare_with_onnxruntime, export_onnx
 
@@ -21,7 +21,8 @@ def cmd_export(args, overrides: list[str]) -> int:
     changes.setdefault("attention", "naive")
     if changes["attention"] == "triton":
         raise ValueError("--attention=triton cannot be exported to ONNX; use naive or sdpa")
-    model, tokenizer, meta = load_model(args.checkpoint, device="cpu", **changes)
+    folder = find_checkpoint(args.checkpoint)  # a checkpoint folder, or a run's newest complete one
+    model, tokenizer, meta = load_model(folder, device="cpu", **changes)
     info = export_onnx(model, args.onnx, exporter=args.exporter, opset=args.opset,
                        metadata={"minillm.config": json.dumps(model.cfg.to_dict()),
                                  "minillm.checkpoint": str(Path(args.checkpoint).resolve())})
@@ -37,7 +38,7 @@ def cmd_export(args, overrides: list[str]) -> int:
             print("warning: the ONNX logits differ from PyTorch by more than 1e-3")
             return 1
     if tokenizer is not None:
-        print(f"the tokenizer stays in {Path(args.checkpoint) / 'tokenizer.json'} "
+        print(f"the tokenizer stays in {folder / TOKENIZER_FILE} "
               "(ONNX holds the model only)")
     return 0
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.checkpoint import load_model
+from minillm.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
 from minillm.generate.sampling import generate_text
 from minillm.hardware import resolve_device, resolve_dtype
 from minillm.model.config import ModelConfig, split_overrides
@@ -23,9 +23,10 @@ def cmd_generate(args, overrides: list[str]) -> int:
     (model_changes,) = split_overrides(overrides, ModelConfig)  # e.g. --attention=sdpa
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device, allow_cpu_half=True)
-    model, tok, meta = load_model(args.out_dir, device=device, **model_changes)
+    folder = find_checkpoint(args.out_dir)  # a checkpoint folder, or a run's newest complete one
+    model, tok, meta = load_model(folder, device=device, **model_changes)
     if tok is None:
-        raise FileNotFoundError(f"{args.out_dir} has no tokenizer.json: cannot encode the prompt")
+        raise FileNotFoundError(f"{folder / TOKENIZER_FILE}: missing, so the prompt cannot be encoded")
     if dtype != torch.float32:
         model = model.to(dtype)
     prompts = []

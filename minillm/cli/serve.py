@@ -22,7 +22,7 @@ import argparse
 import os
 from pathlib import Path
 
-from minillm.checkpoint import load_model
+from minillm.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
 from minillm.hardware import resolve_device, resolve_dtype
 from minillm.model.config import ModelConfig, split_overrides
 
@@ -45,7 +45,10 @@ def cmd_serve(args, overrides: list[str]) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device or "auto")
     dtype = resolve_dtype(args.dtype, device, allow_cpu_half=True)
-    model, tokenizer, meta = load_model(args.checkpoint, device=device, **changes)  # float or quantized
+    folder = find_checkpoint(args.checkpoint)  # a checkpoint folder, or a run's newest complete one
+    model, tokenizer, meta = load_model(folder, device=device, **changes)  # float or quantized
+    if tokenizer is None:
+        raise FileNotFoundError(f"{folder / TOKENIZER_FILE}: missing; serving needs the tokenizer (text in, text out)")
     model.to(dtype=dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
     api_key = args.api_key or os.environ.get("MINILLM_API_KEY") or None

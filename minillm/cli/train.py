@@ -16,12 +16,12 @@ import sys
 import torch
 
 from minillm.model.config import PRESETS, ModelConfig, split_overrides
-from minillm.checkpoint import load_model
+from minillm.checkpoint import CONFIG_FILE, TOKENIZER_FILE, find_checkpoint, load_model
 from minillm.data.dataset import load_text, prepare_dataset, split_text
 from minillm.generate.sampling import generate_text
 from minillm.hardware import resolve_device
-from minillm.train import RECIPES, TrainConfig, TrainingDiverged, evaluate, train
-from minillm.train.state import resume_configs
+from minillm.train import RECIPES, TrainConfig, TrainingDiverged, TrainingInterrupted, evaluate, train
+from minillm.train.state import resume_configs, saved_train_config
 
 SAMPLE_PROMPT = "\n"
 
@@ -56,7 +56,20 @@ def cmd_train(args, overrides: list[str]) -> int:
     except TrainingDiverged as e:
         print(f"minillm train: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        if e.step is None:
+            print("minillm train: interrupted before training started; nothing was written", file=sys.stderr)
+        else:
+            kept = (f"last checkpoint at step {e.checkpoint_step} in {e.out_dir}" if e.checkpoint_step is not None
+                    else "no checkpoint was written yet")
+            print(f"minillm train: stopped at step {e.step}; {kept}; continue with: minillm train --resume=true "
+                  f"--out_dir={e.out_dir}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report a Ctrl-C
     if result["rank"] != 0:  # under torchrun, process 0 reports and samples
+        return 0
+    if result.get("already_done"):
+        print(f"{result['out_dir']} is already trained to step {result['step']} (max_iters={train_cfg.max_iters}): "
+              f"nothing to do; pass a larger --max_iters to train further")
         return 0
     print(f"done: {result['step']} steps, val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}), "
           f"{result['ms_per_iter']:.1f} ms/iter on {result['device']}; checkpoint, metrics.jsonl and "
@@ -84,10 +97,11 @@ def cmd_eval(args, overrides: list[str]) -> int:
     """Validation loss and perplexity (masked-token accuracy for an MLM) of a checkpoint."""
     train_changes, model_changes = split_overrides(overrides, TrainConfig, ModelConfig)
     device = resolve_device(train_changes.pop("device", "auto"))
-    model, tok, meta = load_model(args.out_dir, device=device, **model_changes)
+    folder = find_checkpoint(args.out_dir)
+    model, tok, meta = load_model(folder, device=device, **model_changes)
     if tok is None:
-        raise FileNotFoundError(f"{args.out_dir} has no tokenizer.json: cannot encode evaluation text")
-    tc = TrainConfig(**{**meta.get("train", {}), **train_changes})
+        raise FileNotFoundError(f"{folder / TOKENIZER_FILE}: missing, so evaluation text cannot be encoded")
+    tc = saved_train_config(meta, folder / CONFIG_FILE, **train_changes)
     source = args.data or meta.get("data", "python-docs")
     ds = prepare_dataset(source, tokenizer=tc.tokenizer,
                          vocab_size=tc.vocab_size if tc.tokenizer == "bpe" else None,

@@ -21,16 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minillm.checkpoint import CONFIG_FILE, MODEL_FILE, load_model, read_config, save_model
+from minillm.checkpoint import (CONFIG_FILE, MODEL_FILE, find_checkpoint, load_model, read_config, save_model,
+                                write_manifest)
 from minillm.compress.quant import GROUP_SIZES, quantize_model, weight_bytes
 from minillm.files import write_json
 
 
 def recorded_data_source(meta: dict) -> str | None:
     """The text a checkpoint was trained on, as recorded by `minillm train` (None if unrecorded)."""
-    for where in (meta, meta.get("train") or {}, meta.get("train_config") or {}):
+    for where in (meta, meta.get("train"), meta.get("train_config")):
         for key in ("data", "data_source"):
-            if isinstance(where.get(key), str):
+            if isinstance(where, dict) and isinstance(where.get(key), str):
                 return where[key]
     return None
 
@@ -76,22 +77,22 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, scheme: str = "
                          "float weights)")
     if scheme == "int4" and group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
-    model, tokenizer, meta = load_model(checkpoint, device=device)
+    folder = find_checkpoint(checkpoint)  # a checkpoint folder, or a run's newest complete one
+    if Path(out).resolve() == folder.resolve():
+        raise ValueError(f"the output folder must differ from the input checkpoint {folder}")
+    model, tokenizer, meta = load_model(folder, device=device)
     if "quantization" in meta:
-        raise ValueError(f"{checkpoint} is already quantized ({meta['quantization']['scheme']}); "
+        raise ValueError(f"{folder / CONFIG_FILE}: already quantized ({meta['quantization'].get('scheme')}); "
                          "quantize the float checkpoint it came from")
     qmodel = quantize_model(copy.deepcopy(model), scheme, group_size, include_embeddings, include_head,
                             backend=backend)
-    source_meta = {k: v for k, v in meta.items() if k not in ("model", "quantization", "quant_report")}
-    save_model(out, qmodel, tokenizer, **source_meta, quantized_from=str(checkpoint))
-    out = Path(out)
     report = {"scheme": scheme + (f" (group {group_size})" if scheme == "int4" else " (per channel)"),
               "device": str(device),
               "backend": sorted({m.backend for m in qmodel.modules() if hasattr(m, "backend")}),
               "bytes": [weight_bytes(model), weight_bytes(qmodel)],
-              "file_bytes": [(Path(checkpoint) / MODEL_FILE).stat().st_size, (out / MODEL_FILE).stat().st_size],
               "eval_iters": eval_iters, "batch_size": batch_size, "gen_tokens": gen_tokens}
 
+    # Measure first, write last: a failure here (a missing --data file, say) leaves no half-made output.
     source = data or recorded_data_source(meta)
     if source is None or tokenizer is None:
         report["val_ppl_skipped"] = ("no tokenizer in the checkpoint" if tokenizer is None
@@ -109,5 +110,11 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, scheme: str = "
         (fp_tps, fp_ids), (q_tps, q_ids) = (greedy_tokens_per_s(m, prompt, gen_tokens) for m in (model, qmodel))
         same = (fp_ids == q_ids).long().cumprod(0).sum().item()  # greedy tokens equal before they diverge
         report.update(tokens_per_s=[fp_tps, q_tps], greedy_same_prefix=f"{same}/{gen_tokens}")
+
+    source_meta = {k: v for k, v in meta.items() if k not in ("model", "quantization", "quant_report")}
+    out = save_model(out, qmodel, tokenizer, **source_meta, quantized_from=str(checkpoint))
+    # the file sizes are known only now; config.json changes, so the manifest records it again
+    report["file_bytes"] = [(folder / MODEL_FILE).stat().st_size, (out / MODEL_FILE).stat().st_size]
     write_json(out / CONFIG_FILE, {**read_config(out), "quant_report": report})
+    write_manifest(out)
     return report

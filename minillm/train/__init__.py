@@ -9,8 +9,8 @@ Read in this order:
     loop.py       `train()`: the loop, with timing, evaluation and checkpointing as named steps
 """
 
-from minillm.train.config import RECIPES, TrainConfig, TrainingDiverged
+from minillm.train.config import RECIPES, TrainConfig, TrainingDiverged, TrainingInterrupted
 from minillm.train.evaluate import evaluate
 from minillm.train.loop import train
 
-__all__ = ["RECIPES", "TrainConfig", "TrainingDiverged", "evaluate", "train"]
+__all__ = ["RECIPES", "TrainConfig", "TrainingDiverged", "TrainingInterrupted", "evaluate", "train"]

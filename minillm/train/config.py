@@ -46,7 +46,8 @@ class TrainConfig:
     # --- checkpoints -----------------------------------------------------------------------
     out_dir: str = "out"  # checkpoint folder: weights, config, tokenizer, train state, metrics, plot
     always_save_checkpoint: bool = True  # save at every evaluation, not only when val loss improves
-    resume: bool = False  # continue the run in out_dir exactly where its last checkpoint stopped
+    resume: bool = False  # continue the run in out_dir exactly where its last complete checkpoint stopped
+    overwrite: bool = False  # start afresh in an out_dir that already holds a run (its checkpoints are replaced)
 
     def __post_init__(self):
         for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
@@ -62,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("TrainConfig: resume=true and overwrite=true contradict each other; pick one")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"Adam betas must be in [0, 1), got beta1={self.beta1}, beta2={self.beta2}")
 
@@ -96,3 +99,11 @@ RECIPES: dict[str, dict] = {
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left in place."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: where the run stopped and which checkpoint survives."""
+
+    def __init__(self, step: int | None, checkpoint_step: int | None, out_dir: str):
+        super().__init__(step, checkpoint_step, out_dir)
+        self.step, self.checkpoint_step, self.out_dir = step, checkpoint_step, out_dir

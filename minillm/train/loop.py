@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,13 +39,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from minillm.checkpoint import save_model
+from minillm.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, begin_checkpoint, prune_checkpoints,
+                                save_model, step_folders)
 from minillm.data.dataset import MLM_SPECIAL_TOKENS, Dataset, get_batch, mask_tokens, prepare_dataset
 from minillm.hardware import peak_flops, resolve_device, resolve_dtype
 from minillm.model.builtin_ops import builtin_loss, use_builtin_ops
 from minillm.model.config import ModelConfig
 from minillm.model.transformer import build_model, count_parameters, flops_per_token
-from minillm.train.config import TrainConfig, TrainingDiverged
+from minillm.train.config import TrainConfig, TrainingDiverged, TrainingInterrupted
 from minillm.train.evaluate import evaluate
 from minillm.train.metrics import MetricsLog
 from minillm.train.optim import clip_grad_norm, lr_at, make_optimizer, set_lr
@@ -77,12 +79,14 @@ class Run:
     batch_gen: torch.Generator  # draws every batch; same seed (and state) in every process
     rank: int
     world: int
+    accum: int  # micro-batches per optimizer step over all processes: a multiple of `world`
     out_dir: Path
     meta: dict  # what config.json records beside the model: train config, data, n_params
     log: MetricsLog | None  # rank 0 only
     step: int = 0
     start_step: int = 0
     best_val: float = math.inf
+    checkpoint_step: int | None = None  # the step of the newest complete checkpoint on disk
 
     @property
     def master(self) -> bool:
@@ -90,17 +94,21 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.tc.batch_size * self.cfg.block_size * self.tc.gradient_accumulation_steps
+        return self.tc.batch_size * self.cfg.block_size * self.accum
 
 
 def setup(model_cfg: ModelConfig, tc: TrainConfig, data_source: str, rank: int, world: int, local_rank: int,
           progress: bool) -> Run:
     """Data, tokenizer, model, optimizer and precision for a run; resumed from out_dir if asked."""
+    check_out_dir(tc)
     device = resolve_device(tc.device, local_rank)
     dtype = resolve_dtype(tc.dtype, device)
-    if tc.gradient_accumulation_steps % world:
-        raise ValueError(f"gradient_accumulation_steps={tc.gradient_accumulation_steps} must be a "
-                         f"multiple of the number of processes ({world})")
+    # Each process runs the same number of micro-batches, so the global count is a multiple of the
+    # processes: rounded up when it is not (nanoGPT asserts instead), and said so.
+    accum = -(-tc.gradient_accumulation_steps // world) * world
+    if accum != tc.gradient_accumulation_steps and rank == 0 and progress:
+        print(f"gradient_accumulation_steps={tc.gradient_accumulation_steps} is not a multiple of the {world} "
+              f"processes: using {accum} (one or more micro-batches per process)")
     # data and tokenizer; the model's vocabulary is the tokenizer's
     ds = prepare_dataset(data_source, tokenizer=tc.tokenizer,
                          vocab_size=tc.vocab_size if tc.tokenizer == "bpe" else None,
@@ -121,9 +129,14 @@ def setup(model_cfg: ModelConfig, tc: TrainConfig, data_source: str, rank: int, 
     batch_gen = torch.Generator().manual_seed(tc.seed)
     torch.manual_seed(tc.seed + rank)  # dropout masks: different per process, as in nanoGPT
 
-    step, best_val = 0, math.inf
+    step, best_val, checkpoint_step = 0, math.inf, None
     if tc.resume:
-        step, best_val = resume(tc.out_dir, model, optimizer, batch_gen, scaler, ds.tokenizer, device)
+        step, best_val, folder = resume(tc.out_dir, model, optimizer, batch_gen, scaler, ds.tokenizer, device)
+        checkpoint_step = step
+        if rank == 0 and progress:
+            print(f"resuming from step {step} ({folder})")
+    elif tc.overwrite and rank == 0:  # only now, with data and model ready: a bad --data loses nothing
+        shutil.rmtree(Path(tc.out_dir) / CHECKPOINTS_DIR, ignore_errors=True)
     if tc.builtin_ops:
         use_builtin_ops(model)  # same Parameters, fused kernels; the checkpoint is unchanged
     raw_model = model
@@ -139,8 +152,20 @@ def setup(model_cfg: ModelConfig, tc: TrainConfig, data_source: str, rank: int, 
     log = MetricsLog(tc.out_dir, resume_step=step if tc.resume else None) if rank == 0 else None
     return Run(tc=tc, cfg=model_cfg, data=ds, device=device, dtype=dtype, raw_model=raw_model, model=model,
                eval_model=eval_model, optimizer=optimizer, scaler=scaler, autocast=autocast,
-               batch_gen=batch_gen, rank=rank, world=world, out_dir=Path(tc.out_dir), meta=meta, log=log,
-               step=step, start_step=step, best_val=best_val)
+               batch_gen=batch_gen, rank=rank, world=world, accum=accum, out_dir=Path(tc.out_dir), meta=meta,
+               log=log, step=step, start_step=step, best_val=best_val, checkpoint_step=checkpoint_step)
+
+
+def check_out_dir(tc: TrainConfig) -> None:
+    """A run never silently replaces another: an out_dir that holds one needs resume or overwrite."""
+    out = Path(tc.out_dir)
+    if tc.resume or tc.overwrite:
+        return
+    held = [s for s, _ in step_folders(out)]
+    if held or (out / CONFIG_FILE).exists() or ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size):
+        what = f"checkpoints up to step {held[0]}" if held else "a previous run"
+        raise ValueError(f"{out} already holds {what}; continue it with --resume=true, or start afresh "
+                         "with --overwrite=true (or pick another --out_dir)")
 
 
 def train_step(run: Run) -> tuple[float, torch.Tensor]:
@@ -149,11 +174,10 @@ def train_step(run: Run) -> tuple[float, torch.Tensor]:
     lr = lr_at(run.step, tc.learning_rate, tc.min_lr, tc.warmup_iters, tc.lr_decay_iters or tc.max_iters)
     set_lr(run.optimizer, lr)
     # the GLOBAL batch of this step, identical in every process; process r takes its slice
-    x_all, y_all = get_batch(run.data.train, tc.batch_size * tc.gradient_accumulation_steps, T,
-                             generator=run.batch_gen)
+    x_all, y_all = get_batch(run.data.train, tc.batch_size * run.accum, T, generator=run.batch_gen)
     if tc.objective == "mlm":
         x_all, y_all = mask_tokens(x_all, run.data.tokenizer, generator=run.batch_gen)
-    local_accum = tc.gradient_accumulation_steps // run.world
+    local_accum = run.accum // run.world
     step_loss = torch.zeros((), device=run.device)
     for micro in range(local_accum):
         first = (run.rank * local_accum + micro) * tc.batch_size
@@ -193,11 +217,13 @@ def evaluate_and_save(run: Run) -> dict:
     run.best_val = min(run.best_val, ev["val_loss"])
     run.log.write(ev)
     if run.step > 0 and (improved or tc.always_save_checkpoint):
-        # train state first, config.json (with the step) last: see resume's consistency check
-        save_train_state(run.out_dir, run.optimizer, run.batch_gen, run.scaler, step=run.step,
-                         best_val_loss=run.best_val)
-        save_model(run.out_dir, run.raw_model, run.data.tokenizer, step=run.step, best_val_loss=run.best_val,
-                   **run.meta)
+        # A fresh step folder; its manifest, written last by save_model, commits all four files at
+        # once. Only then is the previous checkpoint removed: a kill at any byte leaves one to resume.
+        folder = begin_checkpoint(run.out_dir, run.step)
+        save_train_state(folder, run.optimizer, run.batch_gen, run.scaler, step=run.step, best_val_loss=run.best_val)
+        save_model(folder, run.raw_model, run.data.tokenizer, step=run.step, best_val_loss=run.best_val, **run.meta)
+        prune_checkpoints(run.out_dir, keep=folder)
+        run.checkpoint_step = run.step
     run.log.plot(f"{run.cfg.n_layer}L/{run.cfg.n_embd} on {run.data.meta['source']}")
     return ev
 
@@ -251,8 +277,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_source: str = "py
 
     tc = train_cfg
     rank, world, local_rank = init_distributed(tc.device)
+    run, bar = None, None
     try:
         run = setup(model_cfg, tc, data_source, rank, world, local_rank, progress)
+        if run.step >= tc.max_iters:  # resumed a finished run: nothing to train
+            return {"step": run.step, "already_done": True, "best_val_loss": run.best_val, "out_dir": str(run.out_dir),
+                    "model": run.raw_model, "tokenizer": run.data.tokenizer, "device": str(run.device),
+                    "rank": rank, "world_size": world}
         show = run.master and progress
         flops_per_step = flops_per_token(run.cfg, count_parameters(run.raw_model, non_embedding=True))["train"]
         peak = peak_flops(run.device)
@@ -306,6 +337,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_source: str = "py
                 "tokens_per_s": run.tokens_per_step * speed.total_steps / speed.total_s if speed.total_s else None,
                 "out_dir": str(run.out_dir), "model": run.raw_model, "tokenizer": run.data.tokenizer,
                 "device": str(run.device), "rank": rank, "world_size": world}
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()  # the bar's last line first, then the caller's one-line message
+        checkpoint = run.checkpoint_step if run is not None else None
+        raise TrainingInterrupted(run.step if run is not None else None, checkpoint, tc.out_dir) from None
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()

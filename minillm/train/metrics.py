@@ -29,19 +29,28 @@ class MetricsLog:
     def __init__(self, out_dir: str | Path, resume_step: int | None = None):
         self.path = Path(out_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")  # a fresh run starts a fresh log
-        else:
+        kept = []
+        if resume_step is not None:
             # keep what the checkpoint had seen: train records of steps < resume_step and evals at
             # ≤ resume_step; anything later came from the interrupted part and will be redone
             kept = [r for r in self.records()
                     if ("loss" in r and r["step"] < resume_step) or ("val_loss" in r and r["step"] <= resume_step)]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        with atomic_write(self.path) as tmp:  # a fresh run starts a fresh log
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def records(self) -> list[dict]:
+        """Every record; a line that does not parse (the torn last line of a killed run) is skipped."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        out = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                out.append(record)
+        return out
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
