@@ -14,6 +14,10 @@ of backend), `sdpa_flash`, `sdpa_cudnn`, `sdpa_efficient`, `sdpa_math` (one back
 torch.nn.attention.sdpa_kernel; skipped where that backend cannot run the case) and `triton`
 (kernels/attention.py). Each case first checks its result against SDPA once, then is timed.
 
+`test_attention_gqa` times the decoder case of current models on its own: causal, grouped-query
+(H_kv = H / 4, as Llama 3) with and without a sliding window of N / 4 (as Mistral), `sdpa` (with
+enable_gqa, the window as an explicit mask) against `triton`; FLOPs count the visible pairs only.
+
 On a CPU ("quick") the shapes are tiny and only naive, sdpa_math and triton (through the Triton
 interpreter, at the smallest shape) run, so CI exercises the suite; those times say nothing
 about a GPU.
@@ -128,3 +132,68 @@ def test_attention(benchmark, provider, N, D, causal, direction):
         grad = common.synchronized(torch.autograd.grad)
         benchmark(lambda: grad(out, leaves, do, retain_graph=True))  # the backward alone
     common.record(benchmark, flops=flops, provider=provider, B=B, H=H, dtype=str(DTYPE).removeprefix("torch."))
+
+
+def window_mask(N: int, window: int | None, device) -> torch.Tensor | None:
+    """(N, N) bool, True where query i sees key j: i - window < j <= i (None: no window)."""
+    if window is None:
+        return None
+    i, j = torch.arange(N, device=device)[:, None], torch.arange(N, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+@pytest.mark.parametrize("windowed", [False, True])
+@pytest.mark.parametrize("N", NS)
+@pytest.mark.parametrize("provider", ["sdpa", "triton"])
+def test_attention_gqa(benchmark, provider, N, windowed, direction):
+    D = DS[-1]
+    B, H = TOKENS // N, WIDTH // D
+    H_kv, window = max(H // 4, 1), (N // 4 if windowed else None)
+    dev = common.device()
+    if provider == "triton":
+        pytest.importorskip("triton", reason="pip install 'minillm[kernels]'")
+        if not GPU and N > TRITON_MAX_N_INTERPRETED:
+            pytest.skip(f"Triton interpreter on a CPU: only N <= {TRITON_MAX_N_INTERPRETED}")
+        from minillm.kernels.attention import flash_attention
+        fn = lambda q, k, v: flash_attention(q, k, v, causal=True, window=window)  # noqa: E731
+    else:
+        if windowed and GPU:  # a mask with enable_gqa may leave SDPA only its math backend: (B, H, N, N) scores
+            need, have = score_matrix_bytes(B, H, N, direction), torch.cuda.get_device_properties(0).total_memory
+            if need > 0.6 * have:
+                pytest.skip(f"sdpa with a window mask may materialise ~{need / 2**30:.0f} GiB of scores")
+        mask = window_mask(N, window, dev)
+        fn = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, do = (torch.randn(B, H, N, D, device=dev, dtype=DTYPE, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, H_kv, N, D, device=dev, dtype=DTYPE, generator=g) for _ in range(2))
+
+    # correctness once, against SDPA on K/V repeated for every query head (fp32 math on a CPU)
+    leaves = [t.clone().requires_grad_(direction == "bwd") for t in (q, k, v)]
+    out = fn(*leaves)
+    ref_leaves = [t.clone().requires_grad_(direction == "bwd") for t in (q, k, v)]
+    G = H // H_kv
+    mask = window_mask(N, window, dev)
+    ref = F.scaled_dot_product_attention(ref_leaves[0], *(t.repeat_interleave(G, 1) for t in ref_leaves[1:]),
+                                         attn_mask=mask, is_causal=mask is None)
+    tol = 2e-2 if DTYPE == torch.bfloat16 else 1e-4
+    assert relative_error(out, ref) < tol, f"{provider} output differs from SDPA"
+    if direction == "bwd":
+        got = torch.autograd.grad(out, leaves, do, retain_graph=True)  # the timed calls reuse the graph
+        want = torch.autograd.grad(ref, ref_leaves, do)
+        for name, a, b in zip("qkv", got, want):
+            assert a.shape == b.shape and relative_error(a, b) < tol, f"{provider} d{name} differs from SDPA"
+    del ref, ref_leaves
+
+    pairs = N * N / 2 if window is None else N * window - window * window / 2  # visible (query, key) pairs
+    flops = 4 * B * H * pairs * D
+    if direction == "fwd":
+        with torch.no_grad():
+            benchmark(common.synchronized(fn), q, k, v)
+    else:
+        flops = flops * 2.5
+        grad = common.synchronized(torch.autograd.grad)
+        benchmark(lambda: grad(out, leaves, do, retain_graph=True))  # the backward alone
+    common.record(benchmark, flops=int(flops), provider=provider, B=B, H=H, H_kv=H_kv, window=window,
+                  dtype=str(DTYPE).removeprefix("torch."))

@@ -12,7 +12,11 @@ number per row — the log-sum-exp — from which the backward recomputes the pr
 What this kernel adds to the Triton tutorial (python/tutorials/06-fused-attention.py) is what the
 engine needs: any sequence length (ragged tails are masked), Tq != Tk with bottom-right causal
 alignment (decode against a KV cache: query i sees key j iff j <= i + Tk - Tq), key-padding masks
-(B, Tk), head dims 16/32/64/128, fp32/fp16/bf16, any scale, and any strides.
+(B, Tk), head dims 16/32/64/128, fp32/fp16/bf16, any scale, and any strides; and what current
+decoders need: grouped-query / multi-query heads (k, v with H_kv < H heads, Ainslie et al. 2023,
+read in place: query head h reads K/V head h // (H / H_kv), nothing is repeated in memory) and
+causal sliding windows (query i sees only the `window` keys ending at its own position, Mistral
+7B), where key blocks outside every row's window are skipped as the causal mask skips the future.
 
 A query row that sees no key at all (a padding query, or causal with Tq > Tk) outputs zeros and
 has lse = -inf, exactly as the readable reference does — log of an empty sum — and gets zero
@@ -26,6 +30,7 @@ Triton's interpreter.
 
     >>> from minillm.kernels.attention import flash_attention
     >>> y = flash_attention(q, k, v, causal=True)          # q, k, v: (B, H, T, D)
+    >>> y = flash_attention(q, k, v, causal=True, window=4096)  # q: (B, 32, T, D), k, v: (B, 8, T, D)
 """
 
 from __future__ import annotations
@@ -44,8 +49,9 @@ except ImportError as e:  # the engine runs without kernels; this file cannot
     ) from e
 
 from .attention_bwd import flash_attention_bwd
-from .common import (ATTENTION_TUNING_KEY, FWD_CONFIGS, FWD_INTERPRETER_CONFIG, LN2, LOG2E, _key_blocks, autotuned,
-                     bucket, check_inputs, dot_precision, is_interpreted, keep_attention)
+from .common import (ATTENTION_TUNING_KEY, FWD_CONFIGS, FWD_INTERPRETER_CONFIG, LN2, LOG2E, _key_blocks,
+                     _window_key_blocks, autotuned, bucket, check_inputs, dot_precision, is_interpreted,
+                     keep_attention, window_arg)
 
 __all__ = ["flash_attention", "flash_attention_fwd", "flash_attention_bwd", "FlashAttentionFunction",
            "is_interpreted"]
@@ -53,8 +59,8 @@ __all__ = ["flash_attention", "flash_attention_fwd", "flash_attention_bwd", "Fla
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_kd, stride_vt,
-                    stride_vd, stride_mt, offs_m, lo, hi, Tq, Tk, qk_scale,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                    stride_vd, stride_mt, offs_m, lo, hi, Tq, Tk, qk_scale, window,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_KPM: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold key blocks [lo, hi) into the running softmax of one block of query rows.
 
@@ -87,6 +93,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, strid
             visible = cols[None, :] < Tk
             if CAUSAL:  # bottom-right aligned: j ≤ i + Tk - Tq
                 visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+            if WINDOWED:  # and the last `window` keys only: j > i + Tk - Tq - window
+                visible = visible & (cols[None, :] > offs_m[:, None] + offset - window)
             s = tl.where(visible, s, float("-inf"))
         if HAS_KPM:  # padding keys (False in the mask) get no weight from any query
             real = tl.load(kpm_base + cols * stride_mt, mask=cols < Tk, other=0) != 0
@@ -108,23 +116,27 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kpm_ptr,
                      stride_vb, stride_vh, stride_vt, stride_vd,
                      stride_ob, stride_oh, stride_ot, stride_od,
                      stride_mb, stride_mt,
-                     H, Tq, Tk, qk_scale,
-                     TQ_BUCKET, TK_BUCKET,  # only read by the autotuner (its cache key)
-                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                     H, GROUP, Tq, Tk, qk_scale, window,
+                     TQ_BUCKET, TK_BUCKET, WINDOW_BUCKET,  # only read by the autotuner (its cache key)
+                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HAS_KPM: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program = BLOCK_M query rows of one (batch, head). Grid: (cdiv(Tq, BLOCK_M), B·H)."""
+    """One program = BLOCK_M query rows of one (batch, head). Grid: (cdiv(Tq, BLOCK_M), B·H).
+
+    Grouped-query attention: the H query heads share H / GROUP key/value heads, GROUP consecutive
+    query heads to each, so query head h reads K, V head h // GROUP, in place: no copy of K, V."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)  # int64: B·H·T·D can exceed 2^31 elements
     off_h = (pid_bh % H).to(tl.int64)
+    off_hk = off_h // GROUP  # the key/value head this query head reads
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
 
     q_ptrs = q_ptr + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=offs_m[:, None] < Tq, other=0.0)  # (BLOCK_M, D), stays in registers
-    k_base = k_ptr + off_b * stride_kb + off_h * stride_kh
-    v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
+    k_base = k_ptr + off_b * stride_kb + off_hk * stride_kh
+    v_base = v_ptr + off_b * stride_vb + off_hk * stride_vh
     kpm_base = kpm_ptr + off_b * stride_mb
 
     # m starts very negative but finite: a row whose keys are all masked so far then gets
@@ -133,15 +145,22 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kpm_ptr,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    n_full, hi = _key_blocks(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    if WINDOWED:  # sliding window: key blocks left of every row's window are skipped, its left edge masked
+        lo, full_lo, n_full, hi = _window_key_blocks(start_m, Tq, Tk, window, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_kd,
+                                        stride_vt, stride_vd, stride_mt, offs_m, lo, full_lo, Tq, Tk, qk_scale,
+                                        window, True, CAUSAL, WINDOWED, HAS_KPM, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    else:
+        full_lo = 0
+        n_full, hi = _key_blocks(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     # off-diagonal blocks: every key visible, so no mask arithmetic in the hot loop
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_kd,
-                                    stride_vt, stride_vd, stride_mt, offs_m, 0, n_full, Tq, Tk, qk_scale,
-                                    False, CAUSAL, HAS_KPM, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+                                    stride_vt, stride_vd, stride_mt, offs_m, full_lo, n_full, Tq, Tk, qk_scale,
+                                    window, False, CAUSAL, WINDOWED, HAS_KPM, HEAD_DIM, BLOCK_N, DOT_PRECISION)
     # the diagonal (causal) and the ragged tail: masked
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_kd,
                                     stride_vt, stride_vd, stride_mt, offs_m, n_full, hi, Tq, Tk, qk_scale,
-                                    True, CAUSAL, HAS_KPM, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+                                    window, True, CAUSAL, WINDOWED, HAS_KPM, HEAD_DIM, BLOCK_N, DOT_PRECISION)
 
     # FA2 divides once at the end. A row that saw no key has l = 0: output 0, lse = log(0) = -inf.
     empty = l_i == 0.0
@@ -153,10 +172,11 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kpm_ptr,
     tl.store(lse_ptr + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)  # lse: (B, H, Tq)
 
 
-def flash_attention_fwd(q, k, v, causal=False, key_padding_mask=None, scale=None):
+def flash_attention_fwd(q, k, v, causal=False, key_padding_mask=None, scale=None, window=None):
     """Forward launcher: (o, lse) with o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32 (natural log)."""
-    kpm = check_inputs(q, k, v, key_padding_mask)
-    (B, H, Tq, D), Tk = q.shape, k.shape[2]
+    kpm = check_inputs(q, k, v, key_padding_mask, causal, window)
+    (B, H, Tq, D), (H_kv, Tk) = q.shape, k.shape[1:3]
+    window = window_arg(window, Tk)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)  # (B, H, Tq, D), contiguous
     lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
@@ -166,8 +186,9 @@ def flash_attention_fwd(q, k, v, causal=False, key_padding_mask=None, scale=None
                        ATTENTION_TUNING_KEY, keep_attention)
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](q, k, v, o, lse, mask_arg, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *mask_strides,
-                 H, Tq, Tk, scale * LOG2E.value, bucket(Tq), bucket(Tk),
-                 HEAD_DIM=D, CAUSAL=bool(causal), HAS_KPM=kpm is not None,
+                 H, H // H_kv, Tq, Tk, scale * LOG2E.value, window,
+                 bucket(Tq), bucket(Tk), bucket(window) if window else 0,
+                 HEAD_DIM=D, CAUSAL=bool(causal), WINDOWED=window > 0, HAS_KPM=kpm is not None,
                  DOT_PRECISION=dot_precision(q.dtype))  # BLOCK_M, BLOCK_N: from the autotuner
     return o, lse
 
@@ -176,23 +197,28 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Saves q, k, v, o and the per-row lse; the backward recomputes P from them (attention_bwd.py)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal=False, key_padding_mask=None, scale=None):
-        o, lse = flash_attention_fwd(q, k, v, causal, key_padding_mask, scale)
+    def forward(ctx, q, k, v, causal=False, key_padding_mask=None, scale=None, window=None):
+        o, lse = flash_attention_fwd(q, k, v, causal, key_padding_mask, scale, window)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.key_padding_mask, ctx.scale = causal, key_padding_mask, scale
+        ctx.causal, ctx.key_padding_mask, ctx.scale, ctx.window = causal, key_padding_mask, scale, window
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.key_padding_mask, ctx.scale)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.key_padding_mask, ctx.scale,
+                                         ctx.window)
+        return dq, dk, dv, None, None, None, None  # dk, dv: (B, H_kv, Tk, D), like k and v
 
 
-def flash_attention(q, k, v, causal=False, key_padding_mask=None, scale=None):
-    """softmax(q kᵀ · scale + mask) v for q (B, H, Tq, D), k, v (B, H, Tk, D); differentiable.
+def flash_attention(q, k, v, causal=False, key_padding_mask=None, scale=None, *, window=None):
+    """softmax(q kᵀ · scale + mask) v for q (B, H, Tq, D), k, v (B, H_kv, Tk, D); differentiable.
 
+    H_kv divides H: H_kv = H is multi-head attention, 1 < H_kv < H grouped-query attention (query
+    head h reads K/V head h // (H / H_kv)), H_kv = 1 multi-query attention.
     causal: bottom-right aligned (query i sees key j iff j <= i + Tk - Tq), as with a KV cache.
     key_padding_mask: (B, Tk) bool, True for real keys. scale: default 1/sqrt(D).
+    window: sliding-window (local) attention, causal only: query i sees the `window` keys up to and
+    including its own position, i + Tk - Tq - window < j <= i + Tk - Tq (Mistral's convention).
     """
-    return FlashAttentionFunction.apply(q, k, v, causal, key_padding_mask, scale)
+    return FlashAttentionFunction.apply(q, k, v, causal, key_padding_mask, scale, window)

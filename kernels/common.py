@@ -1,8 +1,8 @@
 """What the kernel files share, so that each idea is written once and imports never go in a circle.
 
 Every other file in kernels/ imports from this one, and this one imports none of them (the reading
-order is in __init__.py). Inside: the base-2 constants and `_key_blocks`, which the attention forward
-and backward kernels both use; `is_interpreted()`, the one interpreter check; the launchers' input
+order is in __init__.py). Inside: the base-2 constants and `_key_blocks` / `_window_key_blocks`, which
+the attention forward and backward kernels both use; `is_interpreted()`, the one interpreter check; the launchers' input
 checks; attention's launch configurations; and `autotuned`, which builds every autotuned kernel.
 
 Autotuning looks the same in every kernel file (after the Triton tutorials and Liger-Kernel): a
@@ -14,6 +14,8 @@ TRITON_PRINT_AUTOTUNING=1, see which configs win, add or drop rows in the list, 
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 
@@ -53,6 +55,32 @@ def _key_blocks(start_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BL
     return n_full, hi
 
 
+
+@triton.jit
+def _window_key_blocks(start_m, Tq, Tk, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_key_blocks` for causal sliding-window attention, in three ranges: [lo, full_lo) the window's
+    left edge, masked; [full_lo, full_hi) every key visible to every row, unmasked; [full_hi, hi)
+    the diagonal and the ragged tail, masked. Blocks before lo and from hi on are never loaded.
+
+    Row i sees keys j with  i + offset - window < j ≤ i + offset  (offset = Tk - Tq): its own key
+    position and the window - 1 before it. Over the block's rows, from the first (start_m) to the
+    last real one, the union of what they see starts at start_m + offset - window + 1 (lo, rounded
+    down to a block) and ends at the last row's position (hi). A key block is seen whole by every
+    row if it starts at or after the *last* row's window start (full_lo, rounded up) and ends at or
+    before the *first* row's own position (full_hi, rounded down, as in `_key_blocks`). When the
+    window is narrower than a block, full_lo > full_hi and every visited block is masked.
+    Everything is clamped at 0 before `//`: Triton's integer division truncates, Python's floors.
+    """
+    offset = Tk - Tq
+    first = start_m + offset  # the first row's own key position
+    last = tl.minimum(start_m + BLOCK_M, Tq) - 1 + offset  # the last real row's own key position
+    hi = tl.maximum(last + 1, 0)
+    lo = tl.minimum((tl.maximum(first - window + 1, 0) // BLOCK_N) * BLOCK_N, hi)
+    full_lo = tl.minimum(tl.cdiv(tl.maximum(last - window + 1, 0), BLOCK_N) * BLOCK_N, hi)
+    full_hi = tl.minimum((tl.maximum(first + 1, 0) // BLOCK_N) * BLOCK_N, (Tk // BLOCK_N) * BLOCK_N)
+    full_hi = tl.maximum(full_hi, full_lo)  # an empty middle range when the window is narrow
+    return lo, full_lo, full_hi, hi
+
 def is_interpreted() -> bool:
     """True when TRITON_INTERPRET=1 was set before triton was imported: @triton.jit then returned an
     interpreter (numpy on the CPU) instead of a GPU kernel. Asked of a kernel, not of the environment,
@@ -88,16 +116,27 @@ def check_runnable(x: torch.Tensor, op: str, fallback: str, interpreted: bool) -
                            "triton is first imported")
 
 
-def check_inputs(q, k, v, key_padding_mask=None):
+def check_inputs(q, k, v, key_padding_mask=None, causal=False, window=None):
     """Attention's checks (forward and backward); returns the (B, Tk) mask as uint8 or None."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"flash_attention expects {name} of shape (B, H, T, D); got {got}")
-    (B, H, Tq, D), Tk = q.shape, k.shape[2]
-    if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must be "
-                         "(B, H, Tk, D) with the same B, H, D as q (grouped-query heads are not supported)")
+    (B, H, Tq, D), (H_kv, Tk) = q.shape, k.shape[1:3]
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must both be "
+                         "(B, H_kv, Tk, D) with the same B and D as q")
+    if H_kv == 0 or H % H_kv != 0:
+        raise ValueError(f"q has H={H} heads and k, v have H_kv={H_kv}: grouped-query attention needs H to be "
+                         "a multiple of H_kv")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+            raise TypeError(f"window must be an int (keys each query sees, itself included) or None; got {window!r}")
+        if window < 1:
+            raise ValueError(f"window={window}: a sliding window must be >= 1 (a query always sees itself)")
+        if not causal:
+            raise ValueError("window (sliding-window attention) needs causal=True: a query sees its own position "
+                             "and the window - 1 keys before it")
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim D={D} is not supported by the Triton kernel; use one of {HEAD_DIMS} "
                          "(or attention='sdpa' / 'naive')")
@@ -120,6 +159,13 @@ def check_inputs(q, k, v, key_padding_mask=None):
     if key_padding_mask.device != q.device:
         raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     return (key_padding_mask != 0).to(torch.uint8)  # (B, Tk); 1 byte per key, any int/bool accepted
+
+
+def window_arg(window, Tk: int) -> int:
+    """The window the kernels get: 0 for none. A window of Tk keys or more hides no key from any
+    query (the last query's window starts at Tk - window ≤ 0), so it is dropped and the kernels take
+    the plain causal path, skipping the window's mask work."""
+    return 0 if window is None or window >= Tk else int(window)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,7 +195,8 @@ BWD_DQ_CONFIGS = [  # one program per BLOCK_M queries
 FWD_INTERPRETER_CONFIG = _attn_config(64, 32, warps=4, stages=1)
 BWD_DKDV_INTERPRETER_CONFIG = _attn_config(32, 64, warps=4, stages=1)
 BWD_DQ_INTERPRETER_CONFIG = _attn_config(64, 32, warps=4, stages=1)
-ATTENTION_TUNING_KEY = ["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"]  # + tensor dtypes, implicitly
+# WINDOW_BUCKET: a sliding window makes a long sequence's work that of a short one (0 without a window)
+ATTENTION_TUNING_KEY = ["TQ_BUCKET", "TK_BUCKET", "WINDOW_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"]  # + dtypes
 
 
 def keep_attention(config, args: dict) -> bool:

@@ -17,10 +17,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 TEXT = "the quick brown fox jumps over the lazy dog. THE END!\n"
 
 
-def tiny_model(positional="sinusoidal", block_size=32, vocab_size=40, seed=0):
+def tiny_model(positional="sinusoidal", block_size=32, vocab_size=40, seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
-                      positional=positional)
+    cfg = ModelConfig(**{**dict(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
+                                positional=positional), **kw})
     # a random model's logits are nearly flat; scale the head so greedy decisions are not near-ties
     model = CausalLM(cfg).eval()
     with torch.no_grad():
@@ -141,3 +141,52 @@ def test_masked_lm_cannot_generate():
     cfg = ModelConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16, causal=False)
     with pytest.raises(ValueError, match="causal"):
         generate(MaskedLM(cfg), prompt(T=3, vocab_size=20), 2)
+
+
+# --- grouped-query attention and sliding windows: the cache shrinks, the tokens do not change -------
+
+GQA_WINDOW = {"mqa": dict(n_head=4, n_kv_head=1), "mqa-window4": dict(n_head=4, n_kv_head=1, sliding_window=4),
+              "gqa-window6": dict(n_head=4, n_kv_head=2, sliding_window=6)}
+
+
+@pytest.mark.parametrize("variant", GQA_WINDOW)
+def test_gqa_and_window_cached_equals_uncached_past_the_window(variant):
+    model = tiny_model("rotary", **GQA_WINDOW[variant])
+    idx = prompt(T=7)
+    cached = generate(model, idx, 30, temperature=0.0, use_cache=True)  # 37 > block_size 32 > window
+    uncached = generate(model, idx, 30, temperature=0.0, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_batch_with_a_window_equals_each_prompt_alone(use_cache):
+    model = tiny_model("rotary", n_head=4, n_kv_head=2, sliding_window=5)
+    rows = [prompt(1, T, seed=T)[0].tolist() for T in (3, 9, 6)]
+    idx, mask = left_pad(rows, pad_id=5)
+    batched = generate(model, idx, 12, temperature=0.0, use_cache=use_cache, key_padding_mask=mask)
+    for i, r in enumerate(rows):
+        alone = generate(model, torch.tensor([r]), 12, temperature=0.0, use_cache=use_cache)
+        assert batched[i, -12:].tolist() == alone[0, -12:].tolist()
+
+
+def test_batch_engine_serves_a_gqa_model_like_generate():
+    from minillm.generate.batching import BatchEngine, SamplingParams
+    tok = CharTokenizer.from_text(TEXT)
+    model = tiny_model("rotary", vocab_size=tok.vocab_size, n_head=4, n_kv_head=2)
+    engine = BatchEngine(model, tok, max_batch_size=3).start()
+    try:
+        assert engine.cache.k.shape[2] == 2  # (L, slots, H_kv, T, D): K/V heads, not query heads
+        prompts = [tok.encode("the quick"), tok.encode("lazy dog")]
+        events = engine.complete(prompts, SamplingParams(max_tokens=10, temperature=0.0))
+    finally:
+        engine.shutdown()
+    for p, ev in zip(prompts, events):
+        ref = generate(model, torch.tensor([p]), 10, temperature=0.0)[0, len(p):]
+        assert ev.text == tok.decode(ref.tolist())
+
+
+def test_batch_engine_refuses_a_sliding_window_model():
+    from minillm.generate.batching import BatchEngine
+    model = tiny_model("rotary", sliding_window=8)
+    with pytest.raises(ValueError, match="sliding_window=8"):
+        BatchEngine(model, CharTokenizer.from_text(TEXT))

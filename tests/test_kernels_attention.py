@@ -1,4 +1,5 @@
-"""The Triton FlashAttention kernel equals minillm's readable attention: outputs, lse, dQ, dK, dV.
+"""The Triton FlashAttention kernel equals minillm's readable attention: outputs, lse, dQ, dK, dV,
+including grouped-query heads (k, v with H_kv < H heads) and sliding windows.
 
 Without a GPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set below before
 triton is imported, and by the root conftest.py), so shapes stay small. CUDA-only tests (larger
@@ -29,11 +30,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 FP32 = dict(atol=2e-5, rtol=1e-4)  # fp32 in, fp32 accumulation: only summation order differs
 
 
-def make_inputs(B, H, Tq, Tk, D, padded=False, dtype=torch.float32, seed=0):
-    """q (B, H, Tq, D), k, v (B, H, Tk, D), dO like the output, and a (B, Tk) key mask or None.
-    The mask left-pads the last batch row by a third of Tk, as a batch of ragged prompts would."""
+def make_inputs(B, H, Tq, Tk, D, padded=False, dtype=torch.float32, seed=0, H_kv=None):
+    """q (B, H, Tq, D), k, v (B, H_kv, Tk, D) (H_kv = H unless given), dO like the output, and a
+    (B, Tk) key mask or None. The mask left-pads the last batch row by a third of Tk, as a batch of
+    ragged prompts would."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, H, T, D, generator=g) for T in (Tq, Tk, Tk))
+    H_kv = H if H_kv is None else H_kv
+    q, k, v = (torch.randn(B, h, T, D, generator=g) for h, T in ((H, Tq), (H_kv, Tk), (H_kv, Tk)))
     do = torch.randn(B, H, Tq, D, generator=g)
     kpm = None
     if padded:
@@ -117,6 +120,99 @@ def test_arbitrary_strides():
         assert_close(a, b, **FP32)
 
 
+# --- grouped-query heads and sliding windows ---------------------------------------------------
+
+def reference(q, k, v, causal=False, key_padding_mask=None, scale=None, window=None, return_lse=False):
+    """minillm's readable attention, made to take H_kv < H heads and a sliding window.
+
+    Grouped-query attention is multi-head attention with each K/V head repeated for the H / H_kv
+    query heads that read it, so k, v are repeat-interleaved (autograd then sums dK, dV back over
+    each group). The window is a per-query mask, which the readable function only takes per key:
+    so each query row is one call with Tq = 1 and its own (B, Tk) mask, padding ∧ window band.
+    """
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H, Tk, D)
+    if window is None:
+        return scaled_dot_product_attention(q, k, v, causal, key_padding_mask, scale, return_lse=return_lse)
+    assert causal, "a window is causal"
+    (B, _, Tq, _), Tk = q.shape, k.shape[2]
+    j = torch.arange(Tk, device=q.device)
+    rows = []
+    for i in range(Tq):
+        pos = i + Tk - Tq  # query i's own key position (bottom-right aligned, as the causal mask)
+        band = ((j <= pos) & (j > pos - window)).expand(B, Tk)  # the `window` keys up to pos
+        mask = band if key_padding_mask is None else band & key_padding_mask.bool()  # (B, Tk)
+        rows.append(scaled_dot_product_attention(q[:, :, i:i + 1], k, v, False, mask, scale, return_lse=True))
+    out = torch.cat([o for o, _ in rows], dim=2)  # (B, H, Tq, D)
+    lse = torch.cat([lse for _, lse in rows], dim=2)  # (B, H, Tq)
+    return (out, lse) if return_lse else out
+
+
+# Each H_kv (2: grouped-query, 1: multi-query, 4 = H: plain), window (1, 5, partial, ≥ Tk), Tq < Tk,
+# Tq > Tk and padding appears. 129 with window 100 is the one shape where the window has
+# unmasked blocks inside it (the interpreter's tiles are 64x32 and 32x64), next to masked edges.
+GQA_WINDOW_CASES = [  # (H_kv, Tq, Tk, window, causal, D, padded), H = 4
+    (2, 17, 17, None, False, 16, True),
+    (1, 33, 33, None, True, 32, False),
+    (2, 1, 1, None, True, 16, False),
+    (1, 1, 37, None, True, 32, True),  # multi-query decode against a KV cache of 37
+    (4, 17, 17, 1, True, 16, False),  # each query sees only itself
+    (4, 33, 33, 5, True, 32, True),  # padding rows whose window holds only padding: zeros
+    (4, 33, 33, 33, True, 16, False),  # window = Tk: no key hidden, the plain causal path
+    (4, 17, 17, 100, True, 16, True),
+    (2, 33, 33, 5, True, 16, True),
+    (1, 17, 17, 1, True, 32, False),
+    (2, 1, 37, 5, True, 16, True),  # grouped-query decode with a window
+    (2, 17, 64, 20, True, 16, False),  # a prefill chunk after 47 cached tokens
+    (2, 40, 20, 3, True, 16, False),  # Tq > Tk: the first 20 queries see no key
+    (2, 129, 129, 100, True, 16, True),
+]
+
+
+@pytest.mark.parametrize("H_kv,Tq,Tk,window,causal,D,padded", GQA_WINDOW_CASES)
+def test_grouped_query_and_window_match_reference_fp32(H_kv, Tq, Tk, window, causal, D, padded):
+    q, k, v, do, kpm = make_inputs(2, 4, Tq, Tk, D, padded, H_kv=H_kv)
+    kw = dict(causal=causal, key_padding_mask=kpm, window=window)
+    out, lse = flash_attention_fwd(q, k, v, **kw)
+    ref_out, ref_lse = reference(q, k, v, **kw, return_lse=True)
+    assert_close(out, ref_out, **FP32)
+    assert_close(lse, ref_lse, **FP32)
+    got = grads(flash_attention, q, k, v, do, **kw)
+    want = grads(reference, q, k, v, do, **kw)
+    assert got[2].shape == k.shape and got[3].shape == v.shape  # dk, dv: one per kv head
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close(a, b, **FP32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_keys_outside_every_window_are_never_read():
+    """Key blocks left of every query's window are skipped, not loaded and masked: NaN there (over
+    any tile width up to 128) leaves the output and the other gradients untouched."""
+    q, k, v, do, _ = make_inputs(1, 4, 1, 300, 16, H_kv=2)
+    k[:, :, :128], v[:, :, :128] = float("nan"), float("nan")
+    got = grads(flash_attention, q, k, v, do, causal=True, window=5)
+    want = grads(reference, q, k[:, :, 128:], v[:, :, 128:], do, causal=True, window=5)
+    assert_close(got[0], want[0], **FP32)
+    assert_close(got[1], want[1], **FP32)
+    for g, w in zip(got[2:], want[2:]):  # dk, dv: zero for the skipped keys, as they get no weight
+        assert (g[:, :, :128] == 0).all()
+        assert_close(g[:, :, 128:], w, **FP32)
+
+
+def test_grouped_query_reads_strided_kv_in_place():
+    """k, v as (B, T, H_kv, D) projections viewed as (B, H_kv, T, D): no copy is needed."""
+    B, H, H_kv, T, D = 2, 4, 2, 20, 16
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(B, T, H, D, generator=g).to(DEVICE).transpose(1, 2)  # (B, H, T, D), strided
+    kv = torch.randn(B, T, 2, H_kv, D, generator=g).to(DEVICE)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, H_kv, T, D), strided
+    do = torch.randn(B, H, T, D, generator=g).to(DEVICE)
+    assert not (k.is_contiguous() or v.is_contiguous())
+    got = grads(flash_attention, q, k, v, do, causal=True, window=7)
+    want = grads(reference, q, k, v, do, causal=True, window=7)
+    for a, b in zip(got, want):
+        assert_close(a, b, **FP32)
+
+
 def assert_low_precision_close(got, want_lp, want_fp32, atol, name=""):
     """The kernel's error vs the fp32 reference is at most twice what the readable reference makes
     in the same low precision, plus a small atol (how the FlashAttention repository tests)."""
@@ -125,12 +221,12 @@ def assert_low_precision_close(got, want_lp, want_fp32, atol, name=""):
     assert err <= 2 * ref_err + atol, f"{name}: error {err:.2e} vs torch's own {ref_err:.2e} in {got.dtype}"
 
 
-def check_low_precision(B, H, Tq, Tk, D, causal, padded, dtype, atol):
-    q, k, v, do, kpm = make_inputs(B, H, Tq, Tk, D, padded, dtype=dtype)
-    got = grads(flash_attention, q, k, v, do, causal=causal, key_padding_mask=kpm)
-    want_lp = grads(scaled_dot_product_attention, q, k, v, do, causal=causal, key_padding_mask=kpm)
-    want_32 = grads(scaled_dot_product_attention, *(t.float() for t in (q, k, v, do)), causal=causal,
-                    key_padding_mask=kpm)
+def check_low_precision(B, H, Tq, Tk, D, causal, padded, dtype, atol, H_kv=None, window=None):
+    q, k, v, do, kpm = make_inputs(B, H, Tq, Tk, D, padded, dtype=dtype, H_kv=H_kv)
+    kw = dict(causal=causal, key_padding_mask=kpm, window=window)
+    got = grads(flash_attention, q, k, v, do, **kw)
+    want_lp = grads(reference, q, k, v, do, **kw)
+    want_32 = grads(reference, *(t.float() for t in (q, k, v, do)), **kw)
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, want_lp, want_32):
         assert_low_precision_close(a, b, c, atol, name)
 
@@ -138,6 +234,11 @@ def check_low_precision(B, H, Tq, Tk, D, causal, padded, dtype, atol):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter-sized version of test_cuda_low_precision")
 def test_fp16_in_interpreter():
     check_low_precision(1, 2, 100, 100, 32, causal=True, padded=True, dtype=torch.float16, atol=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter-sized version of test_cuda_gqa_window")
+def test_fp16_grouped_query_window_in_interpreter():
+    check_low_precision(1, 4, 70, 70, 32, True, True, torch.float16, atol=1e-3, H_kv=1, window=24)
 
 
 @cuda
@@ -154,12 +255,23 @@ def test_cuda_kv_cache_shapes_bf16(Tq, Tk):
     check_low_precision(2, 4, Tq, Tk, 128, True, True, torch.bfloat16, atol=8e-3)
 
 
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("H_kv,Tq,Tk,window", [(2, 1000, 1000, None), (1, 777, 777, 256), (2, 1, 2049, 512),
+                                               (4, 128, 1500, 300)])
+def test_cuda_gqa_window(dtype, H_kv, Tq, Tk, window):
+    check_low_precision(2, 8, Tq, Tk, 128, True, True, dtype, atol=1e-3 if dtype == torch.float16 else 8e-3,
+                        H_kv=H_kv, window=window)
+
+
 # --- bad input gets a clear error ---------------------------------------------------------------
 
 @pytest.mark.parametrize("change,error,match", [
     (lambda q, k, v: (q[0], k, v), ValueError, r"\(B, H, T, D\)"),
-    (lambda q, k, v: (q, k[:, :1], v[:, :1]), ValueError, "same B, H, D"),
-    (lambda q, k, v: (q, k, v[..., :8]), ValueError, "same B, H, D"),
+    (lambda q, k, v: (q, k[:1], v[:1]), ValueError, "same B and D"),
+    (lambda q, k, v: (q, k, v[..., :8]), ValueError, "same B and D"),
+    (lambda q, k, v: (q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1)), ValueError,
+     "H=2 heads .* H_kv=3: .* multiple of H_kv"),
     (lambda q, k, v: (q[..., :8], k[..., :8], v[..., :8]), ValueError, "head dim D=8"),
     (lambda q, k, v: (torch.cat([q, q[..., :16]], -1), torch.cat([k, k[..., :16]], -1),
                       torch.cat([v, v[..., :16]], -1)), ValueError, "head dim D=48"),
@@ -172,6 +284,19 @@ def test_bad_inputs(change, error, match):
     q, k, v, _, _ = make_inputs(2, 2, 8, 8, 32)
     with pytest.raises(error, match=match):
         flash_attention(*change(q, k, v))
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    (dict(causal=True, window=0), ValueError, "window=0: .* >= 1"),
+    (dict(causal=True, window=-3), ValueError, ">= 1"),
+    (dict(causal=False, window=4), ValueError, "needs causal=True"),
+    (dict(causal=True, window=2.5), TypeError, "window must be an int"),
+    (dict(causal=True, window=True), TypeError, "window must be an int"),
+])
+def test_bad_window(kw, error, match):
+    q, k, v, _, _ = make_inputs(2, 2, 8, 8, 32)
+    with pytest.raises(error, match=match):
+        flash_attention(q, k, v, **kw)
 
 
 def test_bad_key_padding_mask():

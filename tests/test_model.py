@@ -14,6 +14,9 @@ VARIANTS = {
     "rotary-swiglu-rms": dict(positional="rotary", activation="swiglu", norm="rmsnorm", bias=False,
                               tie_weights=False),
     "none-relu-postnorm": dict(positional="none", activation="relu", prenorm=False),
+    # grouped-query attention (4 query heads, 2 K/V heads) and multi-query with a 5-token window
+    "rotary-gqa": dict(positional="rotary", n_kv_head=2, activation="swiglu", norm="rmsnorm", bias=False),
+    "rotary-mqa-window": dict(positional="rotary", n_kv_head=1, sliding_window=5),
 }
 
 
@@ -120,6 +123,11 @@ def test_gpt2_preset_size_and_init():
     (dict(n_layer=0), "n_layer must be positive"),
     (dict(dropout=1.5), "dropout must be in [0, 1)"),
     (dict(attention="flash"), "is not one of naive, sdpa, triton"),
+    (dict(n_kv_head=3), "n_kv_head=3 must be a positive divisor of n_head=4"),
+    (dict(n_kv_head=0), "n_kv_head=0 must be a positive divisor"),
+    (dict(sliding_window=0), "sliding_window must be >= 1"),
+    (dict(sliding_window=4, causal=False), "sliding_window needs causal=True"),
+    (dict(rope_scaling="yarn"), "rope_scaling='yarn' is not one of linear, llama3"),
 ])
 def test_bad_config_names_the_field(bad, message):
     with pytest.raises(ValueError, match=None) as e:
@@ -152,3 +160,58 @@ def test_token_embeddings_scaled_by_sqrt_c_only_with_sinusoids(positional):
     scale = 32 ** 0.5 if positional == "sinusoidal" else 1.0  # "Attention Is All You Need" §3.4
     pos = model.transformer.pos_emb(torch.arange(6)) if positional != "rotary" else 0.0
     assert_close(seen["x"], tokens * scale + pos)
+
+
+# --- grouped-query attention and sliding windows at the model level --------------------------------
+
+@pytest.mark.parametrize("attention", ["naive", "sdpa"])
+def test_gqa_and_window_implementations_agree(attention):
+    torch.manual_seed(0)
+    cfg = small(positional="rotary", n_kv_head=2, sliding_window=4)
+    ref = CausalLM(cfg).eval()
+    other = CausalLM(ModelConfig(**{**cfg.to_dict(), "attention": attention})).eval()
+    other.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 50, (2, 12))
+    assert_close(other(idx)[0], ref(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_projects_fewer_keys_and_values():
+    model = CausalLM(small(n_kv_head=1))  # C=32, H=4, D=8: q has 32 outputs, k and v 8 each
+    assert model.transformer.blocks[0].attn.qkv.weight.shape == (32 + 2 * 8, 32)
+
+
+def test_kv_cache_holds_kv_heads_and_only_the_window():
+    torch.manual_seed(0)
+    model = CausalLM(small(positional="rotary", n_kv_head=2, sliding_window=6)).eval()
+    cache = model.new_cache(batch_size=3)
+    assert cache.k.shape == (2, 3, 2, 5, 8)  # (L, B, H_kv, window-1, D): not (L, B, H, block_size, D)
+    full_cache = CausalLM(small(n_kv_head=2)).new_cache(batch_size=3)
+    assert full_cache.k.shape == (2, 3, 2, 32, 8)
+    # prefill longer than the window, then decode: positions stay absolute, output unchanged
+    idx = torch.randint(0, 50, (3, 25))
+    full, _ = model(idx)
+    steps = [model(idx[:, :9], cache=cache)[0]]
+    steps += [model(idx[:, t:t + 2], cache=cache)[0] for t in range(9, 25, 2)]  # two tokens per step
+    assert cache.length == 25
+    assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_a_window_changes_only_what_lies_beyond_it():
+    torch.manual_seed(0)
+    model = CausalLM(small(positional="rotary", sliding_window=4)).eval()
+    idx = torch.randint(0, 50, (1, 16))
+    logits, _ = model(idx)
+    changed = idx.clone()
+    changed[0, 0] = (changed[0, 0] + 1) % 50
+    logits2, _ = model(changed)
+    # 2 layers of a 4-token window reach 2·(4-1) = 6 tokens back: position 7 and later cannot see token 0
+    assert_close(logits2[0, 7:], logits[0, 7:])
+    assert not torch.allclose(logits2[0, :7], logits[0, :7])
+
+
+def test_smollm2_preset_has_the_published_size():
+    with torch.device("meta"):  # shapes only: no 135M random numbers drawn
+        model = CausalLM(ModelConfig.from_preset("smollm2-135m"))
+    cfg = model.cfg
+    assert (cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.ffn_dim) == (30, 9, 3, 64, 1536)
+    assert count_parameters(model) == 134_515_008  # HuggingFaceTB/SmolLM2-135M, tied embeddings

@@ -26,6 +26,8 @@ VARIANTS = {
     "gpt": {},  # sinusoidal positions, LayerNorm, GELU, tied head
     "llama": dict(positional="rotary", norm="rmsnorm", activation="swiglu", bias=False, tie_weights=False),
 }
+# Mistral-style: one K/V head for both query heads (multi-query) and a sliding window of 8 tokens
+VARIANTS["mistral"] = dict(VARIANTS["llama"], n_kv_head=1, sliding_window=8)
 
 
 def twins(cls, **overrides):
@@ -56,10 +58,12 @@ def test_causal_lm_logits_and_gradients_match(variant):
         assert_close(p.grad, p_ref.grad, **TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
-def test_kv_cache_decode_matches_readable():
+@pytest.mark.parametrize("variant", ["llama", "mistral"])
+def test_kv_cache_decode_matches_readable(variant):
     """Prefill then decode token by token: queries shorter than keys (Tq = 1 against a growing
-    cache), the bottom-right causal case the kernel must get right for generation."""
-    ref, fast = twins(CausalLM, **VARIANTS["llama"])
+    cache), the bottom-right causal case the kernel must get right for generation. With a window
+    the cache keeps only the last window - 1 tokens."""
+    ref, fast = twins(CausalLM, **VARIANTS[variant])
     idx = tokens(2, 16)
     with torch.no_grad():
         outs = []

@@ -38,25 +38,25 @@ def cmd_generate(args, overrides: list[str]) -> int:
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               use_cache=not args.no_cache, generator=gen, stop=args.stop)
-    t0, n_tokens = time.perf_counter(), 0
+    t0, n_tokens, counts = time.perf_counter(), 0, []
     if args.batch and len(rows) > 1:
         # all rows in one left-padded batch: faster, printed when done
-        texts = generate_text(model, tok, rows, args.max_new_tokens, **kw)
+        texts = generate_text(model, tok, rows, args.max_new_tokens, **kw, token_counts=counts)
         for i, (p, t) in enumerate(zip(rows, texts)):
             print(f"--- sample {i + 1} ---\n{p}{t}")
-        n_tokens = sum(len(tok.encode(t)) for t in texts)
+        n_tokens = sum(counts)
     else:
         for i, p in enumerate(rows):
             if len(rows) > 1:
                 print(f"--- sample {i + 1} ---")
             print(p, end="", flush=True)
-            [t] = generate_text(model, tok, [p], args.max_new_tokens, **kw,
+            [t] = generate_text(model, tok, [p], args.max_new_tokens, **kw, token_counts=counts,
                                 stream=lambda _, piece: print(piece, end="", flush=True))
             print()
-            n_tokens += len(tok.encode(t))
+            n_tokens += counts[0]
     dt = time.perf_counter() - t0
     print(f"[{n_tokens} tokens in {dt:.2f} s, {n_tokens / dt:.1f} tokens/s on {device}, "
-          f"{'no ' if args.no_cache else ''}KV cache; checkpoint step {meta.get('step', '?')}]", file=sys.stderr)
+          f"{'no ' if args.no_cache else ''}KV cache; {_source(meta)}]", file=sys.stderr)
     return 0
 
 
@@ -104,3 +104,10 @@ def _checked_generate(args, overrides):
 def _unescape(text: str) -> str:
     """'\\n' and '\\t' typed in a shell -> newline and tab (other text untouched, unicode safe)."""
     return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _source(meta: dict) -> str:
+    """Where the weights came from, for the closing line: a training step or a Hugging Face folder."""
+    if "huggingface" in meta:
+        return f"Hugging Face {meta['huggingface'].get('model_type', 'model')} folder"
+    return f"checkpoint step {meta.get('step', '?')}"

@@ -114,7 +114,9 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, scheme: str = "
     source_meta = {k: v for k, v in meta.items() if k not in ("model", "quantization", "quant_report")}
     out = save_model(out, qmodel, tokenizer, **source_meta, quantized_from=str(checkpoint))
     # the file sizes are known only now; config.json changes, so the manifest records it again
-    report["file_bytes"] = [(folder / MODEL_FILE).stat().st_size, (out / MODEL_FILE).stat().st_size]
+    # the input may be a Hugging Face folder with sharded weights: count every safetensors file
+    report["file_bytes"] = [sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+                            (out / MODEL_FILE).stat().st_size]
     write_json(out / CONFIG_FILE, {**read_config(out), "quant_report": report})
     write_manifest(out)
     return report

@@ -56,9 +56,9 @@ class SlotKVCache:
     `select(first, count)` chooses which rows the next forward works on.
     """
 
-    def __init__(self, n_layer: int, n_slots: int, n_head: int, max_len: int, head_dim: int,
+    def __init__(self, n_layer: int, n_slots: int, n_kv_head: int, max_len: int, head_dim: int,
                  device=None, dtype=torch.float32):
-        shape = (n_layer, n_slots, n_head, max_len, head_dim)
+        shape = (n_layer, n_slots, n_kv_head, max_len, head_dim)  # H_kv heads, as attention.KVCache
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
@@ -79,7 +79,7 @@ class SlotKVCache:
         return self._max  # Transformer reads this; we always pass explicit positions anyway
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, H, T, D) at each row's own length; return (B, H, max_len_used, D) views."""
+        """Store k, v (B, H_kv, T, D) at each row's own length; return (B, H_kv, max_len_used, D) views."""
         B, H, T, D = k.shape
         end = self._max + T
         if end > self.max_len:
@@ -186,7 +186,13 @@ class BatchEngine:
         self.max_batch_size, self.max_queue, self.eos_id = max_batch_size, max_queue, eos_id
         cfg, p = model.cfg, next(model.parameters())
         self.device = p.device
-        self.cache = SlotKVCache(cfg.n_layer, max_batch_size, cfg.n_head, cfg.block_size, cfg.head_dim,
+        if cfg.sliding_window is not None and cfg.sliding_window < cfg.block_size:
+            # rows of different lengths would each need their own window; the attention mask's window
+            # is aligned to the longest row (minillm.model.attention.causal_mask)
+            raise ValueError(f"serving a sliding-window model (ModelConfig.sliding_window={cfg.sliding_window}) "
+                             "is not supported yet; use `minillm generate`")
+        # H_kv heads per row: grouped-query attention stores only the shared K/V heads
+        self.cache = SlotKVCache(cfg.n_layer, max_batch_size, cfg.kv_heads, cfg.block_size, cfg.head_dim,
                                  device=p.device, dtype=p.dtype)
         self.rows: list[_Row] = []  # active rows; rows[i].slot == i always
         self.waiting: collections.deque[Request] = collections.deque()

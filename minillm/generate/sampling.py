@@ -212,7 +212,8 @@ def held_back(text: str, stops) -> int:
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                   generator: torch.Generator | None = None, stop: list[str] | str | None = None,
-                  stream: Callable[[int, str], None] | None = None) -> list[str]:
+                  stream: Callable[[int, str], None] | None = None,
+                  token_counts: list[int] | None = None) -> list[str]:
     """Continue each prompt; returns the generated text of each (without the prompt).
 
     stop: strings that end a row's generation (the stop string itself is not returned); the batch
@@ -220,6 +221,8 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tem
     stream(row, piece): called with each new piece of text as it becomes final, so a terminal can
     print as tokens arrive. Text that might be the start of a stop string, or an incomplete UTF-8
     character of a byte-level tokenizer, is held back until it is decided.
+    token_counts: a list that receives how many tokens each row generated (re-encoding the text
+    would not tell: a BPE may merge the generated pieces differently).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -255,4 +258,6 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tem
     for i in range(B):
         if not done[i]:
             settle(i, final=True)
+    if token_counts is not None:
+        token_counts[:] = [len(ids) for ids in new_ids]
     return texts

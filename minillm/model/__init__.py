@@ -8,7 +8,8 @@ Read in this order, the order the pieces are built in:
     transformer.py   Block, Transformer, CausalLM (GPT-style), MaskedLM (BERT-style)
     losses.py        cross-entropy for next-token and masked-token prediction
     builtin_ops.py   the same layers swapped for PyTorch's fused kernels (same parameters)
-    pretrained.py    Hugging Face GPT-2 and BERT weights loaded into these classes
+    pretrained.py    Hugging Face GPT-2, BERT and Llama-family (Llama, Mistral, Qwen2, SmolLM2)
+                     weights loaded into these classes
 """
 
 from minillm.model.attention import KVCache, MultiHeadAttention, scaled_dot_product_attention

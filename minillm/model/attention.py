@@ -8,6 +8,19 @@ Tq new queries sit at the *end* of the Tk keys, so the causal mask is aligned bo
 may see key j iff j ≤ i + (Tk - Tq). With Tq = Tk this is the familiar lower triangle.
 
 Masks are boolean with True = "may attend": `key_padding_mask` (B, Tk) marks real (non-pad) keys.
+A sliding window W (Mistral's local attention) further limits query i to the W most recent keys:
+i + (Tk - Tq) - W < j ≤ i + (Tk - Tq), itself included.
+
+Grouped-query attention (GQA, Ainslie et al. 2023; multi-query attention, Shazeer 2019, is H_kv = 1):
+k and v may have fewer heads H_kv than q's H, with H = G·H_kv. Query head h reads K/V head h // G,
+the grouping Hugging Face's `repeat_kv` uses. Why bother: decoding is limited by reading the KV
+cache, which holds, per token,
+
+    bytes/token = 2 (k and v) · L layers · H_kv heads · D · bytes per number
+
+e.g. Llama-3-8B (L=32, D=128, bf16): 512 KiB/token with H_kv = H = 32, 128 KiB with H_kv = 8, so
+an 8k-token context costs 1 GiB instead of 4. The attention here never copies K/V G times: the G
+query heads of a group are stacked into one (G·Tq, D) matrix that multiplies its K/V head once.
 
 `MultiHeadAttention` projects x to q, k, v, splits heads, optionally rotates q/k (RoPE), appends
 to a KV cache, and calls one of three implementations, chosen explicitly by `ModelConfig.attention`:
@@ -27,17 +40,22 @@ import torch.nn.functional as F
 from minillm.model.config import ModelConfig
 
 
-def causal_mask(Tq: int, Tk: int, device=None) -> torch.Tensor:
-    """(Tq, Tk) boolean, True where query i may see key j: j ≤ i + (Tk - Tq) (bottom-right aligned)."""
+def causal_mask(Tq: int, Tk: int, device=None, window: int | None = None) -> torch.Tensor:
+    """(Tq, Tk) boolean, True where query i may see key j: j ≤ i + (Tk - Tq) (bottom-right aligned),
+    and, with a sliding window W, also j > i + (Tk - Tq) - W (the W most recent keys, itself included)."""
     i = torch.arange(Tq, device=device)[:, None]
     j = torch.arange(Tk, device=device)[None, :]
-    return j <= i + (Tk - Tq)
+    mask = j <= i + (Tk - Tq)
+    if window is not None:
+        mask = mask & (j > i + (Tk - Tq) - window)
+    return mask
 
 
 def build_mask(Tq: int, Tk: int, causal: bool, key_padding_mask: torch.Tensor | None,
-               device=None) -> torch.Tensor | None:
-    """Combine the causal and key-padding masks into one boolean mask broadcastable to (B, H, Tq, Tk)."""
-    mask = causal_mask(Tq, Tk, device) if causal else None  # (Tq, Tk)
+               device=None, window: int | None = None) -> torch.Tensor | None:
+    """Combine the causal (and window) and key-padding masks into one boolean mask broadcastable to
+    (B, H, Tq, Tk)."""
+    mask = causal_mask(Tq, Tk, device, window) if causal else None  # (Tq, Tk)
     if key_padding_mask is not None:
         pad = key_padding_mask.bool()[:, None, None, :]  # (B, 1, 1, Tk)
         mask = pad if mask is None else mask & pad  # (B, 1, Tq, Tk)
@@ -53,37 +71,50 @@ def scaled_dot_product_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
+    window: int | None = None,
 ):
-    """softmax(q kᵀ · scale + mask) v for q: (B, H, Tq, D), k, v: (B, H, Tk, D).
+    """softmax(q kᵀ · scale + mask) v for q: (B, H, Tq, D), k, v: (B, H_kv, Tk, D), H_kv dividing H.
 
     Returns the output (B, H, Tq, D) and, with `return_lse`, the log-sum-exp of each row of scores
     (B, H, Tq) — the one number per row a fused kernel saves to recompute the softmax in backward.
     A row with every key masked (a padding query) gets zeros (and lse = -inf), as PyTorch's SDPA
-    and FlashAttention do, rather than NaN.
+    and FlashAttention do, rather than NaN. `window` (needs causal): see the module docstring.
     """
-    Tq, Tk = q.shape[-2], k.shape[-2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-    mask = build_mask(Tq, Tk, causal, key_padding_mask, q.device)
+    B, H, Tq, D = q.shape
+    H_kv, Tk = k.shape[1], k.shape[-2]
+    if H % H_kv != 0:
+        raise ValueError(f"{H} query heads cannot be shared evenly by {H_kv} key/value heads")
+    G = H // H_kv  # query heads per K/V head (1 = plain multi-head attention)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    # Group the query heads: head h = g·G + r reads K/V head g. Stack each group's G heads along
+    # the query axis, so one (G·Tq, D) @ (D, Tk) matmul per K/V head serves the whole group: k and v
+    # are read as they are, never copied (a broadcasting 5-D matmul would expand them G times).
+    q = q.reshape(B, H_kv, G * Tq, D)  # (B, H_kv, G·Tq, D): a view when G = 1
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H_kv, G·Tq, Tk)
+    scores = scores.view(B, H_kv, G, Tq, Tk)  # (B, H_kv, G, Tq, Tk): each query row back in place
+    mask = build_mask(Tq, Tk, causal, key_padding_mask, q.device, window)  # (Tq, Tk) or (B, 1, Tq, Tk)
     if mask is not None:
+        if mask.dim() == 4:
+            mask = mask[:, :, None]  # (B, 1, 1, Tq, Tk): the same for every head of every group
         scores = scores.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: masked keys get no weight
     # numerically stable softmax: subtract the row max before exp (softmax is shift-invariant)
-    row_max = scores.amax(dim=-1, keepdim=True)  # (B, H, Tq, 1)
+    row_max = scores.amax(dim=-1, keepdim=True)  # (B, H_kv, G, Tq, 1)
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)  # all-masked row
     exp = torch.exp(scores - row_max)
     row_sum = exp.sum(dim=-1, keepdim=True)
-    probs = exp / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)  # (B, H, Tq, Tk)
+    probs = exp / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)  # (B, H_kv, G, Tq, Tk)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
-    out = probs @ v  # (B, H, Tq, D)
+    out = probs.view(B, H_kv, G * Tq, Tk) @ v  # (B, H_kv, G·Tq, D)
+    out = out.view(B, H, Tq, D)  # (B, H_kv, G, Tq, D) -> (B, H, Tq, D): heads in order g·G + r
     if return_lse:
-        lse = (row_max + torch.log(row_sum)).squeeze(-1)  # (B, H, Tq) = log Σ_j exp(score_ij)
+        lse = (row_max + torch.log(row_sum)).squeeze(-1).flatten(1, 2)  # (B, H, Tq) = log Σ_j exp(s_ij)
         return out, lse
     return out
 
 
 def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
-    """(B, T, C) -> (B, H, T, D): each head gets its own D = C/H channels."""
+    """(B, T, H·D) -> (B, H, T, D): each head gets its own D channels."""
     B, T, C = x.shape
     return x.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, H, T, D)
 
@@ -99,20 +130,34 @@ class KVCache:
 
     Decoding token t+1 needs k, v of tokens 0..t; recomputing them each step costs O(T²) per token.
     The cache stores them once: each layer appends its new k, v, attends over the whole prefix, and
-    the model advances `length` after the last layer.
+    the model advances `length` after the last layer. It holds H_kv heads, not H: with grouped-query
+    attention that is the whole saving (2·L·H_kv·D numbers per token, see the module docstring).
+
+    With a sliding window W < max_len, a query never looks further back than W-1 tokens, so only
+    the last W-1 tokens are kept: memory stays W-1 tokens however long the text grows. `update` then
+    returns the kept tokens followed by the new ones — always consecutive positions ending at the
+    newest query, which is all the bottom-right mask needs. Keys are stored already rotated (RoPE at
+    their absolute positions), so dropping old ones never changes the ones kept; `length` keeps
+    counting absolute positions.
     """
 
-    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
-                 device=None, dtype=torch.float32):
-        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
+                 device=None, dtype=torch.float32, window: int | None = None):
+        # a window at least max_len long never hides a key: keep the plain, copy-free cache then
+        self.window = window if window is not None and window < max_len else None
+        keep = max_len if self.window is None else self.window - 1
+        shape = (n_layer, batch_size, n_kv_head, keep, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
-        self.length = 0  # tokens already stored (the same for every row; left padding handles ragged prompts)
+        self.length = 0  # tokens already seen (the same for every row; left padding handles ragged prompts)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, H, T, D) after the cached tokens; return the full (B, H, length+T, D) k, v."""
+        """Store k, v (B, H_kv, T, D) after the cached tokens; return the (B, H_kv, Tk, D) k, v to attend
+        over: all length+T tokens, or with a window the last min(length, W-1) cached ones + the T new."""
         T = k.shape[-2]
+        if self.window is not None:
+            return self._update_window(layer, k, v)
         end = self.length + T
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {self.length} cached + {T} new > max_len {self.max_len}")
@@ -120,21 +165,51 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def _update_window(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        T, keep = k.shape[-2], self.k.shape[3]  # keep = W - 1
+        n = min(self.length, keep)  # cached tokens still inside the window of the next query
+        k_all = torch.cat([self.k[layer, :, :, :n], k], dim=2)  # (B, H_kv, n + T, D), oldest first
+        v_all = torch.cat([self.v[layer, :, :, :n], v], dim=2)
+        m = min(n + T, keep)  # how many of them the next query can still see
+        self.k[layer, :, :, :m] = k_all[:, :, n + T - m:]  # crop: slide the window forward
+        self.v[layer, :, :, :m] = v_all[:, :, n + T - m:]
+        return k_all, v_all
+
     def advance(self, T: int) -> None:
         self.length += T
 
 
-def attention_dispatch(impl: str, q, k, v, causal: bool, key_padding_mask, dropout_p: float):
-    """Run the chosen implementation. Each computes the same function; tests hold them equal."""
+def _sdpa_supports_gqa() -> bool:
+    """F.scaled_dot_product_attention takes enable_gqa (H_kv < H without copies) from PyTorch 2.5."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 5)
+
+
+SDPA_GQA = _sdpa_supports_gqa()
+
+
+def attention_dispatch(impl: str, q, k, v, causal: bool, key_padding_mask, dropout_p: float,
+                       window: int | None = None):
+    """Run the chosen implementation on q (B, H, Tq, D), k, v (B, H_kv, Tk, D). Each computes the
+    same function; tests hold them equal."""
     if impl == "naive":
-        return scaled_dot_product_attention(q, k, v, causal, key_padding_mask, dropout_p=dropout_p)
+        return scaled_dot_product_attention(q, k, v, causal, key_padding_mask, dropout_p=dropout_p,
+                                            window=window)
     if impl == "sdpa":
         Tq, Tk = q.shape[-2], k.shape[-2]
-        if key_padding_mask is None and (not causal or Tq == Tk):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal and Tq > 1)
-        # SDPA's is_causal is top-left aligned, so pass our bottom-right mask explicitly
-        mask = build_mask(Tq, Tk, causal, key_padding_mask, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        gqa = {}
+        if k.shape[1] != q.shape[1]:
+            if SDPA_GQA:
+                gqa = {"enable_gqa": True}
+            else:  # older PyTorch: copy each K/V head G times (what enable_gqa avoids)
+                G = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H, Tk, D)
+        if key_padding_mask is None and window is None and (not causal or Tq == Tk):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal and Tq > 1,
+                                                  **gqa)
+        # SDPA's is_causal is top-left aligned and has no window, so pass our mask explicitly
+        mask = build_mask(Tq, Tk, causal, key_padding_mask, q.device, window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
     if impl == "triton":
         if dropout_p > 0.0:
             raise ValueError("attention='triton' has no attention dropout; set attn_dropout=0 or use 'sdpa'")
@@ -145,30 +220,41 @@ def attention_dispatch(impl: str, q, k, v, causal: bool, key_padding_mask, dropo
                 "attention='triton' needs Triton: pip install 'minillm[kernels]' "
                 f"(or choose attention='naive' or 'sdpa'). Import failed with: {e}"
             ) from e
-        return flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+        # k, v keep their H_kv heads: the kernel maps query head h to K/V head h // (H / H_kv)
+        return flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, window=window)
     raise ValueError(f"unknown attention implementation {impl!r}")
 
 
 class MultiHeadAttention(nn.Module):
-    """x (B, T, C) -> attend over itself (and any cached prefix) with H heads -> (B, T, C)."""
+    """x (B, T, C) -> attend over itself (and any cached prefix) with H query heads and H_kv
+    key/value heads -> (B, T, C)."""
 
     def __init__(self, cfg: ModelConfig, rotary: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # mixes the heads back
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.kv_heads
+        self.q_dim = cfg.attn_dim  # H·D channels of queries (= C unless heads were pruned)
+        self.kv_dim = cfg.kv_heads * cfg.head_dim  # H_kv·D channels each for k and v (= H·D without GQA)
+        # q, k, v in one matmul: H·D + 2·H_kv·D outputs (3C for classic multi-head attention)
+        self.qkv = nn.Linear(cfg.n_embd, self.q_dim + 2 * self.kv_dim, bias=cfg.qkv_has_bias)
+        self.proj = nn.Linear(self.q_dim, cfg.n_embd, bias=cfg.bias)  # mixes the heads back
         self.proj.is_residual_proj = True  # scaled at init, see model.init_weights
         self.rotary = rotary  # shared RoPE tables (or None)
         self.resid_drop = nn.Dropout(cfg.rate("resid"))
 
     def forward(self, x, positions, key_padding_mask=None, cache: KVCache | None = None, layer: int = 0):
-        q, k, v = self.qkv(x).split(self.cfg.n_embd, dim=-1)  # 3 × (B, T, C)
-        q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))  # 3 × (B, H, T, D)
+        # (B, T, H·D) queries, (B, T, H_kv·D) keys and values
+        q, k, v = self.qkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        q = split_heads(q, self.n_head)  # (B, H, T, D)
+        k, v = split_heads(k, self.n_kv_head), split_heads(v, self.n_kv_head)  # 2 × (B, H_kv, T, D)
         if self.rotary is not None:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H, Tk, D) with Tk = cached + T
+            k, v = cache.update(layer, k, v)  # (B, H_kv, Tk, D) with Tk = cached + T
+            if key_padding_mask is not None and key_padding_mask.shape[-1] > k.shape[-2]:
+                # a sliding-window cache returns only the last Tk tokens: keep their columns
+                key_padding_mask = key_padding_mask[:, -k.shape[-2]:]  # (B, Tk)
         dropout_p = self.cfg.rate("attn") if self.training else 0.0
-        y = attention_dispatch(self.cfg.attention, q, k, v, self.cfg.causal, key_padding_mask, dropout_p)
+        y = attention_dispatch(self.cfg.attention, q, k, v, self.cfg.causal, key_padding_mask, dropout_p,
+                               self.cfg.sliding_window)
         return self.resid_drop(self.proj(merge_heads(y)))  # (B, T, C)

@@ -20,6 +20,7 @@ ATTENTION_IMPLS = ("naive", "sdpa", "triton")
 POSITIONAL = ("sinusoidal", "learned", "rotary", "none")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
+ROPE_SCALINGS = ("linear", "llama3")  # context-extension rules for RoPE frequencies, see positional.py
 
 
 @dataclass
@@ -29,21 +30,40 @@ class ModelConfig:
     block_size: int = 256  # longest context the model sees (positions 0 .. block_size-1)
     n_layer: int = 6  # number of Transformer blocks
     n_head: int = 6  # attention heads per block; n_embd must divide evenly
+    # key/value heads (grouped-query attention, Ainslie et al. 2023): each group of n_head/n_kv_head
+    # query heads shares one K/V head, shrinking the KV cache by that factor. None = n_head (classic
+    # multi-head attention); 1 = multi-query attention (Shazeer, 2019). Llama-3-8B: 32 / 8.
+    n_kv_head: int | None = None
     n_embd: int = 384  # model width C; each head gets D = C / H channels
     ffn_hidden: int = 0  # FFN inner width; 0 = 4*C (or 8/3*C rounded to 64 for SwiGLU)
     n_token_types: int = 0  # BERT's segment embeddings (2 for BERT); 0 = none
+    head_size: int = 0  # channels per head D; 0 = n_embd / n_head. Set when heads are pruned away
+    #                     (minillm/compress/prune.py): then H·D < C and attention works in H·D channels
 
     # --- architecture choices --------------------------------------------------------------
     positional: str = "sinusoidal"  # "Attention Is All You Need" default; or learned/rotary/none
     rope_base: float = 10000.0  # RoPE frequency base θ (Llama uses 10000 or 500000)
+    # RoPE context extension, as Hugging Face's config.json "rope_scaling" asks: None (plain RoPE),
+    # "linear" (positions divided by rope_factor, Chen et al. 2023) or "llama3" (low frequencies
+    # divided by rope_factor, high ones kept, a smooth blend between; Llama 3.1)
+    rope_scaling: str | None = None
+    rope_factor: float = 1.0  # how many times longer the extended context is ("factor")
+    rope_low_freq_factor: float = 1.0  # llama3 only: wavelengths > original/low are fully scaled
+    rope_high_freq_factor: float = 4.0  # llama3 only: wavelengths < original/high are untouched
+    rope_original_context: int = 8192  # llama3 only: the context the model was first trained at
     activation: str = "gelu"  # FFN non-linearity: relu | gelu | gelu_tanh | swiglu
     norm: str = "layernorm"  # layernorm (GPT-2, BERT) or rmsnorm (Llama)
     norm_eps: float = 1e-5  # added to the variance; BERT uses 1e-12
     prenorm: bool = True  # pre-norm (GPT-2, Llama) trains stably; post-norm is the original/BERT
     embed_norm: bool = False  # BERT normalises the summed embeddings before the first block
     bias: bool = True  # bias in linear layers and norms; Llama drops them
+    qkv_bias: bool | None = None  # bias on the q, k, v projections only; None = bias. Qwen2: True
     tie_weights: bool = True  # share token embedding and output projection (GPT-2, BERT)
     causal: bool = True  # decoder (GPT) masks the future; encoder (BERT) sees both sides
+    # local attention (Longformer; Mistral 7B): query i sees only keys j with i - window < j ≤ i,
+    # i.e. itself and the window-1 tokens before it (Hugging Face Mistral's convention). The KV
+    # cache then keeps only the last window-1 tokens. None = full causal attention.
+    sliding_window: int | None = None
 
     # --- regularisation and init -----------------------------------------------------------
     dropout: float = 0.0  # default rate for the three dropouts below (nanoGPT's name)
@@ -59,14 +79,31 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("ffn_hidden", "n_token_types"):
+        for name in ("ffn_hidden", "n_token_types", "head_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.n_embd % self.n_head != 0:
+        if self.head_size == 0 and self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"ModelConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                 "each head needs the same number of channels"
             )
+        if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head != 0):
+            raise ValueError(
+                f"ModelConfig.n_kv_head={self.n_kv_head} must be a positive divisor of n_head={self.n_head}: "
+                "every key/value head serves the same number of query heads"
+            )
+        if self.sliding_window is not None:
+            if self.sliding_window < 1:
+                raise ValueError(f"ModelConfig.sliding_window must be >= 1 (or None), got {self.sliding_window}")
+            if not self.causal:
+                raise ValueError("ModelConfig.sliding_window needs causal=True: the window looks back only")
+        if self.rope_scaling is not None:
+            _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+            if self.rope_factor < 1.0:
+                raise ValueError(f"ModelConfig.rope_factor must be >= 1, got {self.rope_factor}")
+            if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                raise ValueError("ModelConfig.rope_low_freq_factor must be positive and below "
+                                 "rope_high_freq_factor")
         _check_choice("positional", self.positional, POSITIONAL)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("norm", self.norm, NORMS)
@@ -87,7 +124,21 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
+
+    @property
+    def attn_dim(self) -> int:
+        """Width of q, k, v and of the heads' concatenated output: H·D (= C unless heads were pruned)."""
+        return self.n_head * self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """H_kv, the number of key/value heads (n_kv_head, or n_head when it is None)."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def qkv_has_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def ffn_dim(self) -> int:
@@ -136,6 +187,14 @@ PRESETS: dict[str, dict] = {
         positional="rotary", activation="swiglu", norm="rmsnorm", norm_eps=1e-6, bias=False,
         tie_weights=False,
     ),
+    # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config.json): a Llama with grouped-query
+    # attention (9 query heads share 3 K/V heads), RoPE θ = 100000, tied embeddings.
+    # Load its weights with minillm.model.pretrained.load_llama(folder).
+    "smollm2-135m": dict(
+        n_layer=30, n_head=9, n_kv_head=3, n_embd=576, ffn_hidden=1536, block_size=8192, vocab_size=49152,
+        positional="rotary", rope_base=100000.0, activation="swiglu", norm="rmsnorm", norm_eps=1e-5,
+        bias=False, tie_weights=True,
+    ),
 }
 
 
@@ -151,7 +210,9 @@ def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
 def parse_value(text: str, annotation, name: str):
     """Convert `text` to the type a dataclass field declares (int, float, bool, str, X | None)."""
     if isinstance(annotation, str):  # `from __future__ import annotations` keeps them as strings
-        annotation = {"int": int, "float": float, "bool": bool, "str": str,
+        if annotation.endswith("| None") and text.lower() == "none":
+            return None  # --n_kv_head=none, --sliding_window=none: back to the default
+        annotation = {"int": int, "float": float, "bool": bool, "str": str, "bool | None": bool,
                       "float | None": float, "int | None": int, "str | None": str}.get(annotation, str)
     origin = typing.get_origin(annotation)
     if origin is not None:  # Optional[X]

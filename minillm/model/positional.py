@@ -8,7 +8,11 @@
 - learned absolute (GPT-2, BERT): one trained vector per position, added the same way.
 - rotary, RoPE (Su et al., 2021; Llama): nothing is added; instead each (query, key) channel pair
   (x0, x1), (x2, x3), … is rotated by the angle pos·θ_i with θ_i = base^(-2i/D). A dot product of
-  a rotated query at m with a rotated key at n then depends only on m - n.
+  a rotated query at m with a rotated key at n then depends only on m - n. Context extension
+  ("rope_scaling" in Hugging Face configs) changes only the θ_i: see `rope_frequencies`.
+  Hugging Face Llama pairs channel i with i + D/2 ("rotate_half") instead of i with i+1; that is the
+  same rotation on permuted channels, so pretrained.py permutes q/k weights once at load time and
+  this file keeps one layout.
 - none: no positional signal (a causal mask alone still leaks some order).
 
 Positions are passed explicitly as a (B, T) or (T,) tensor of integers, so the KV cache (positions
@@ -16,6 +20,8 @@ continue after the cached ones) and left-padded batches (each row starts at its 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -57,13 +63,42 @@ class LearnedPositions(nn.Module):
         return self.emb(positions)
 
 
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """θ_i = base^(-2i/D) for each channel pair i, (D/2,), rescaled as cfg.rope_scaling asks.
+
+    A model trained on contexts up to L has only seen angles pos·θ_i < L·θ_i. To run it on s = factor
+    times longer contexts without retraining from scratch:
+      - "linear" (position interpolation, Chen et al. 2023): θ_i / s for every i, so position s·L
+        looks like L did. Simple, but it also blurs the fast-rotating pairs that encode word order.
+      - "llama3" (Llama 3.1): judge each pair by its wavelength λ_i = 2π/θ_i. Pairs that turn many
+        times within the original context (λ < L/high_freq_factor) are kept; pairs that never
+        complete a turn (λ > L/low_freq_factor) are divided by s; in between, blend
+        (1 - a)·θ/s + a·θ with a = (L/λ - low) / (high - low), so the frequencies stay continuous.
+    The formulas and their edge cases follow Hugging Face's modeling_rope_utils, which parity tests hold.
+    """
+    D = cfg.head_dim
+    theta = cfg.rope_base ** (-torch.arange(0, D, 2, dtype=torch.float32) / D)  # (D/2,)
+    if cfg.rope_scaling is None:
+        return theta
+    s = cfg.rope_factor
+    if cfg.rope_scaling == "linear":
+        return theta / s
+    # llama3
+    L, low, high = cfg.rope_original_context, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / theta  # (D/2,) tokens per full turn of each pair
+    scaled = torch.where(wavelen > L / low, theta / s, theta)  # slow pairs: interpolate fully
+    a = (L / wavelen - low) / (high - low)  # 0 at λ = L/low, 1 at λ = L/high
+    blended = (1 - a) * scaled / s + a * scaled
+    medium = (wavelen >= L / high) & (wavelen <= L / low)
+    return torch.where(medium, blended, scaled)
+
+
 class Rotary(nn.Module):
     """RoPE on interleaved pairs: (x0, x1) -> (x0 cosφ - x1 sinφ, x0 sinφ + x1 cosφ), φ = pos·θ_i."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        D = cfg.head_dim
-        theta = cfg.rope_base ** (-torch.arange(0, D, 2, dtype=torch.float32) / D)  # (D/2,)
+        theta = rope_frequencies(cfg)  # (D/2,)
         angles = torch.arange(cfg.block_size, dtype=torch.float32)[:, None] * theta  # (T, D/2)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)

@@ -1,7 +1,9 @@
-"""Load Hugging Face GPT-2 and BERT weights into minillm's models.
+"""Load Hugging Face GPT-2, BERT and Llama-family (Llama, Mistral, Qwen2, SmolLM2) weights into minillm.
 
-Point `load_gpt2` at a downloaded checkpoint folder (config.json + model.safetensors or
-pytorch_model.bin, as `huggingface-cli download gpt2` leaves it) or pass a state dict directly.
+Point `load_gpt2` / `load_bert` / `load_llama` at a downloaded checkpoint folder (config.json +
+model.safetensors, or shards model-0000x-of-0000y.safetensors with model.safetensors.index.json,
+or pytorch_model.bin, as `huggingface-cli download` leaves it) or pass a state dict directly.
+`load_hf_folder` picks the loader from config.json's "model_type" and also loads tokenizer.json.
 Parity with the Hugging Face implementations is what tests/test_parity_hf.py checks: logits equal
 to 1e-5 in fp32, which is how we know minillm's attention, norms and FFN are the real thing.
 
@@ -12,6 +14,13 @@ Naming map (GPT-2 → minillm). GPT-2 stores linear weights as Conv1D, i.e. (in,
     h.{i}.attn.c_proj                → blocks.{i}.attn.proj
     h.{i}.mlp.c_fc, c_proj           → blocks.{i}.ffn.up, down
     ln_f                             → transformer.final_norm
+
+Naming map (Llama family → minillm). Linear weights are (out, in), as ours.
+    model.embed_tokens / model.norm / lm_head → transformer.tok_emb / transformer.final_norm / lm_head
+    layers.{i}.input_layernorm, post_attention_layernorm → blocks.{i}.norm1, norm2
+    layers.{i}.self_attn.q_proj | k_proj | v_proj        → blocks.{i}.attn.qkv (rows stacked q, k, v)
+    layers.{i}.self_attn.o_proj                          → blocks.{i}.attn.proj
+    layers.{i}.mlp.gate_proj, up_proj, down_proj         → blocks.{i}.ffn.gate, up, down
 """
 
 from __future__ import annotations
@@ -109,18 +118,28 @@ def _load_exact(model: torch.nn.Module, ours: dict) -> None:
 
 
 def read_hf_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """(config dict, state dict) from a Hugging Face model folder. Never unpickles arbitrary objects."""
+    """(config dict, state dict) from a Hugging Face model folder. Never unpickles arbitrary objects.
+
+    Big models are saved in shards; model.safetensors.index.json maps every tensor name to its
+    shard file ("weight_map"), so the state dict is the union of the shards it names."""
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json: pass a Hugging Face model folder")
     hf_cfg = json.loads((path / "config.json").read_text())
     if (path / "model.safetensors").exists():
-        from safetensors.torch import load_file
         sd = load_file(str(path / "model.safetensors"))
+    elif (path / "model.safetensors.index.json").exists():
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        sd = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            sd.update(load_file(str(path / shard)))
     elif (path / "pytorch_model.bin").exists():
         sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
-        raise FileNotFoundError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+        raise FileNotFoundError(f"{path} has neither model.safetensors (or its shards' index) "
+                                "nor pytorch_model.bin")
     return hf_cfg, sd
 
 
@@ -134,3 +153,164 @@ def load_bert(path: str | Path) -> MaskedLM:
     """A minillm MaskedLM holding the weights of a downloaded Hugging Face BertForMaskedLM folder."""
     hf_cfg, sd = read_hf_checkpoint(path)
     return bert_from_state_dict(sd, bert_config(hf_cfg))
+
+
+# --- the Llama family: Llama 2/3, Mistral, Qwen2, SmolLM2 -------------------------------------------
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # config.json "model_type"s that load_llama reads
+
+
+def _rope_fields(hf: dict) -> dict:
+    """rope_base and rope_scaling fields from config.json, in either Hugging Face spelling:
+    transformers 4.x writes "rope_theta" and "rope_scaling": {"rope_type" (or "type"), "factor", ...};
+    5.x writes one "rope_parameters": {"rope_type", "rope_theta", "factor", ...}."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if "rope_type" not in params and "type" not in params and any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"per-layer RoPE parameters ({', '.join(params)}) are not supported")
+    kind = params.get("rope_type") or params.get("type") or "default"
+    fields = dict(rope_base=float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0))
+    if kind == "default":
+        return fields
+    if kind == "linear":
+        return {**fields, "rope_scaling": "linear", "rope_factor": float(params["factor"])}
+    if kind == "llama3":
+        return {**fields, "rope_scaling": "llama3", "rope_factor": float(params["factor"]),
+                "rope_low_freq_factor": float(params["low_freq_factor"]),
+                "rope_high_freq_factor": float(params["high_freq_factor"]),
+                "rope_original_context": int(params["original_max_position_embeddings"])}
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (minillm knows default, linear, llama3)")
+
+
+def _sliding_window(hf: dict) -> int | None:
+    """The attention window every layer uses, or None. A model mixing windowed and full layers
+    (Qwen2 with use_sliding_window and 0 < max_window_layers < num_hidden_layers) is refused."""
+    kind, L = hf["model_type"], hf["num_hidden_layers"]
+    if kind == "llama" or (kind == "qwen2" and not hf.get("use_sliding_window")):
+        return None  # Qwen2 writes a sliding_window size even when it does not use it
+    types = set(hf.get("layer_types") or [])
+    if kind == "qwen2" and not types:  # transformers 4.x: windows from layer max_window_layers on
+        first = hf.get("max_window_layers", L)
+        types = {"sliding_attention" if i >= first else "full_attention" for i in range(L)}
+    if len(types) > 1:
+        raise ValueError("models whose layers mix sliding-window and full attention are not supported")
+    return None if types == {"full_attention"} else hf.get("sliding_window")
+
+
+def llama_config(hf: dict) -> ModelConfig:
+    """ModelConfig for a Hugging Face Llama, Mistral or Qwen2 config.json (as a dict)."""
+    kind = hf.get("model_type")
+    if kind not in LLAMA_FAMILY:
+        raise ValueError(f"model_type {kind!r} is not one load_llama reads ({', '.join(LLAMA_FAMILY)})")
+    H, C = hf["num_attention_heads"], hf["hidden_size"]
+    if hf.get("head_dim") not in (None, C // H):
+        raise ValueError(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads={C // H}: "
+                         "not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf['hidden_act']!r}: minillm's SwiGLU gates with silu")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):  # Qwen2's q/k/v biases are implied by its type
+        raise ValueError("Llama attention_bias / mlp_bias = true is not supported")
+    H_kv = hf.get("num_key_value_heads") or H
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+        n_layer=hf["num_hidden_layers"], n_head=H, n_kv_head=H_kv if H_kv != H else None, n_embd=C,
+        ffn_hidden=hf["intermediate_size"], positional="rotary", activation="swiglu", norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6), bias=False, qkv_bias=True if kind == "qwen2" else None,
+        tie_weights=bool(hf.get("tie_word_embeddings", False)), sliding_window=_sliding_window(hf),
+        **_rope_fields(hf),
+    )
+
+
+def half_to_interleaved(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder each head's rows of a q or k projection (weight (H·D, C) or bias (H·D,)) from Hugging
+    Face's RoPE layout to minillm's.
+
+    HF Llama rotates channel c together with channel c + D/2 ("rotate_half"); minillm's Rotary
+    rotates 2c with 2c+1 (the RoPE paper's layout), both by the angle pos·θ_c. Moving HF channel c
+    to 2c and c + D/2 to 2c+1 makes minillm rotate exactly HF's pairs. q and k get the same
+    permutation, so every dot product q·k — all attention uses them for — is unchanged, and v and
+    o_proj need nothing. We permute weights once here rather than add a second rotary layout, so
+    positional.py keeps one RoPE for readers; the price is that minillm's q/k rows are not in HF's
+    order (export back to HF would apply the inverse, as HF's convert_llama_weights_to_hf.py does).
+    """
+    D = w.shape[0] // n_head
+    perm = torch.arange(D).view(2, D // 2).t().reshape(-1)  # [0, D/2, 1, D/2+1, ...]
+    return w.view(n_head, D, *w.shape[1:])[:, perm].reshape(w.shape)  # (H, D, ...) -> (H·D, ...)
+
+
+def llama_from_state_dict(sd: dict, cfg: ModelConfig) -> CausalLM:
+    """Build a CausalLM and copy a Hugging Face LlamaForCausalLM (Mistral, Qwen2) state dict into it."""
+    sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    model = CausalLM(cfg)
+    ours = {"transformer.tok_emb.weight": sd["embed_tokens.weight"],
+            "transformer.final_norm.weight": sd["norm.weight"]}
+    if not cfg.tie_weights:  # a tied model may still store lm_head.weight; it is the embedding anyway
+        ours["lm_head.weight"] = sd["lm_head.weight"]
+    H, H_kv = cfg.n_head, cfg.kv_heads
+    parts = ("weight", "bias") if cfg.qkv_has_bias else ("weight",)
+    for i in range(cfg.n_layer):
+        h, b = f"layers.{i}.", f"transformer.blocks.{i}."
+        a = h + "self_attn."
+        for part in parts:
+            q = half_to_interleaved(sd[f"{a}q_proj.{part}"], H)  # (H·D, C) or (H·D,)
+            k = half_to_interleaved(sd[f"{a}k_proj.{part}"], H_kv)  # (H_kv·D, C) or (H_kv·D,)
+            ours[f"{b}attn.qkv.{part}"] = torch.cat([q, k, sd[f"{a}v_proj.{part}"]], dim=0)  # rows q | k | v
+        ours[b + "attn.proj.weight"] = sd[a + "o_proj.weight"]
+        ours[b + "norm1.weight"] = sd[h + "input_layernorm.weight"]
+        ours[b + "norm2.weight"] = sd[h + "post_attention_layernorm.weight"]
+        for name in ("gate", "up", "down"):
+            ours[f"{b}ffn.{name}.weight"] = sd[f"{h}mlp.{name}_proj.weight"]
+    _load_exact(model, ours)
+    return model
+
+
+def load_llama(path: str | Path) -> CausalLM:
+    """A minillm CausalLM holding the weights of a downloaded Llama / Mistral / Qwen2 / SmolLM2 folder."""
+    hf_cfg, sd = read_hf_checkpoint(path)
+    return llama_from_state_dict(sd, llama_config(hf_cfg))
+
+
+# --- any Hugging Face folder -------------------------------------------------------------------------
+
+def is_hf_folder(path: str | Path) -> bool:
+    """True for a Hugging Face model folder: config.json with a "model_type" (a minillm checkpoint's
+    config.json has a "model" section instead) next to its weights."""
+    path = Path(path)
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    return (isinstance(hf, dict) and "model_type" in hf and "model" not in hf
+            and any((path / w).exists() for w in weights))
+
+
+def load_hf_folder(path: str | Path, device: str | torch.device = "cpu", **config_overrides):
+    """(model, tokenizer or None, meta) from a Hugging Face folder, like checkpoint.load_model.
+
+    config_overrides: fields that do not alter the weights, e.g. attention="sdpa". The tokenizer is
+    the folder's tokenizer.json behind minillm's interface (needs the `tokenizers` package); meta
+    holds the model config and where it came from, with the end-of-text ids of config.json.
+    """
+    import dataclasses
+
+    from minillm.data.tokenizer import load_hf_tokenizer
+
+    path = Path(path)
+    hf_cfg, sd = read_hf_checkpoint(path)
+    kind = hf_cfg.get("model_type")
+    loaders = {"gpt2": (gpt2_config, gpt2_from_state_dict), "bert": (bert_config, bert_from_state_dict),
+               **{k: (llama_config, llama_from_state_dict) for k in LLAMA_FAMILY}}
+    if kind not in loaders:
+        raise ValueError(f"{path / 'config.json'}: model_type {kind!r} is not supported "
+                         f"(minillm loads {', '.join(loaders)})")
+    make_config, from_state_dict = loaders[kind]
+    cfg = dataclasses.replace(make_config(hf_cfg), **config_overrides)
+    model = from_state_dict(sd, cfg).to(device).eval()
+    tokenizer = load_hf_tokenizer(path) if (path / "tokenizer.json").exists() else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:  # an id past the embedding table
+        raise ValueError(f"{path / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, but config.json's "
+                         f"vocab_size is {cfg.vocab_size}; they belong to different models")
+    meta = {"model": cfg.to_dict(),
+            "huggingface": {"path": str(path), "model_type": kind, "bos_token_id": hf_cfg.get("bos_token_id"),
+                            "eos_token_id": hf_cfg.get("eos_token_id")}}
+    return model, tokenizer, meta

@@ -134,8 +134,9 @@ class CausalLM(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         cfg = self.cfg
         p = self.transformer.tok_emb.weight  # a float parameter even when linear layers are quantized
-        return KVCache(cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.block_size, cfg.head_dim,
-                       device=device or p.device, dtype=dtype or p.dtype)
+        # H_kv heads (grouped-query attention stores only those); a sliding window keeps W-1 tokens
+        return KVCache(cfg.n_layer, batch_size, cfg.kv_heads, max_len or cfg.block_size, cfg.head_dim,
+                       device=device or p.device, dtype=dtype or p.dtype, window=cfg.sliding_window)
 
 
 class MaskedLM(nn.Module):

@@ -248,7 +248,9 @@ def build_app(model, tokenizer, model_name: str = "minillm", max_batch_size: int
     if api_key is not None and api_key == "":
         raise ValueError("api_key must be a non-empty string (or None for no key)")
     cors_origins = _check_origins(list(cors_origins))
-    eos = next((tokenizer.special_tokens[s] for s in ("<|endoftext|>", "</s>", "[EOS]")
+    # the end-of-text token of GPT-2, Llama 2/Mistral, BERT-style, Llama 3 and Qwen2/SmolLM2 vocabularies
+    eos = next((tokenizer.special_tokens[s] for s in ("<|endoftext|>", "</s>", "[EOS]", "<|end_of_text|>",
+                                                      "<|im_end|>")
                 if s in getattr(tokenizer, "special_tokens", {})), None)
     engine = BatchEngine(model, tokenizer, max_batch_size, max_queue, eos_id=eos, seed=seed)
     metrics = Metrics()
