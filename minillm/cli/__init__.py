@@ -24,6 +24,9 @@ COMMAND_MODULES: list[str] = [
     "minillm.cli.checkpoints",
     "minillm.cli.generate",
     "minillm.cli.quantize",
+    "minillm.cli.prune",
+    "minillm.cli.distill",
+    "minillm.cli.compress_report",
     "minillm.cli.export",
     "minillm.cli.serve",
 ]
