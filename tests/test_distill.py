@@ -169,12 +169,19 @@ def test_distilled_checkpoint_round_trips_and_records_the_run(compressed):
     torch.testing.assert_close(load_model(compressed[4])[0](x)[0], model(x)[0], atol=0, rtol=0)
 
 
-def test_generate_eval_and_report_accept_every_compressed_checkpoint(compressed, tmp_path, monkeypatch, capsys):
+def test_generate_eval_serve_and_report_accept_every_compressed_checkpoint(compressed, tmp_path, monkeypatch,
+                                                                           capsys):
+    import uvicorn
+
     register_commands(monkeypatch)
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append(app))  # build the app, do not listen
     for path in compressed:
         assert cli.main(["generate", str(path), "--max_new_tokens=4", "--prompt=the"]) == 0
         assert cli.main(["eval", str(path), "--eval_iters=2", "--batch_size=2",
                          f"--cache_dir={tmp_path / 'cache'}"]) == 0
+        assert cli.main(["serve", str(path)]) == 0
+    assert len(served) == len(compressed)
     capsys.readouterr()
     plot = tmp_path / "pareto.png"
     assert cli.main(["compress", "report", *map(str, compressed), f"--plot={plot}", "--eval_iters=2",
