@@ -277,7 +277,7 @@ def is_hf_folder(path: str | Path) -> bool:
     path = Path(path)
     try:
         hf = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable or absurd: not an HF folder
         return False
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     return (isinstance(hf, dict) and "model_type" in hf and "model" not in hf
