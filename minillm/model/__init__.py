@@ -5,8 +5,9 @@ Read in this order, the order the pieces are built in:
     layers.py        LayerNorm, RMSNorm, activations, the feed-forward network
     positional.py    sinusoidal, learned and rotary (RoPE) positions
     attention.py     scaled dot-product attention, multi-head attention, the KV cache
+    flash.py         the same attention tiled, FlashAttention-2 in plain PyTorch (the step to kernels/)
     transformer.py   Block, Transformer, CausalLM (GPT-style), MaskedLM (BERT-style)
-    losses.py        cross-entropy for next-token and masked-token prediction
+    losses.py        softmax and cross-entropy for next-token and masked-token prediction
     builtin_ops.py   the same layers swapped for PyTorch's fused kernels (same parameters)
     pretrained.py    Hugging Face GPT-2, BERT and Llama-family (Llama, Mistral, Qwen2, SmolLM2)
                      weights loaded into these classes

@@ -3,6 +3,7 @@
 For logits z over V classes and the true class y:
     -log softmax(z)_y = logsumexp(z) - z_y,   logsumexp(z) = m + log Σ_j exp(z_j - m),  m = max_j z_j
 Subtracting the max keeps every exp() ≤ 1, so logits of size 1e4 do not overflow (tested ×1000).
+The probabilities themselves, softmax(z)_i = exp(z_i - m) / Σ_j exp(z_j - m), use the same shift.
 
 - causal LM: position t predicts token t+1; `targets` are the inputs shifted left by one
   (`next_token_targets`), the last position has nothing to predict (-100).
@@ -16,7 +17,18 @@ import torch
 IGNORE_INDEX = -100  # the label of positions that do not count (PyTorch's and Hugging Face's value)
 
 
+def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """softmax(x)_i = exp(x_i - m) / Σ_j exp(x_j - m), m = max_j x_j: the same value for any m.
+
+    Choosing the max makes the largest exponent exp(0) = 1, so nothing overflows, and the sum is ≥ 1,
+    so nothing divides by 0. Equal to F.softmax, gradients included, even for logits ×1000.
+    """
+    e = torch.exp(x - x.amax(dim=dim, keepdim=True))  # every entry in [0, 1] (tiny ones round to 0), the max's is 1
+    return e / e.sum(dim=dim, keepdim=True)
+
+
 def logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """log Σ_j exp(x_j) = m + log Σ_j exp(x_j - m), m = max_j x_j (finite even for |x| ~ 1e4)."""
     m = x.amax(dim=dim, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf row: avoid inf - inf
     return (m + torch.log(torch.exp(x - m).sum(dim=dim, keepdim=True))).squeeze(dim)

@@ -121,7 +121,9 @@ def setup(model_cfg: ModelConfig, tc: TrainConfig, data_source: str, rank: int, 
 
     torch.manual_seed(tc.seed)  # same initial weights in every process
     model = build_model(model_cfg).to(device)
-    optimizer = make_optimizer(model, tc.learning_rate, tc.weight_decay, (tc.beta1, tc.beta2), device.type)
+    # the written-out AdamW (train/optim.py), or PyTorch's fused one with the other builtin_ops
+    optimizer = make_optimizer(model, tc.learning_rate, tc.weight_decay, (tc.beta1, tc.beta2), device.type,
+                               readable=not tc.builtin_ops)
     # fp16's narrow exponent range flushes small gradients to zero without loss scaling
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = (torch.autocast(device_type=device.type, dtype=dtype)
