@@ -5,6 +5,10 @@ Nothing here touches the network: the tiny-shakespeare download is replaced by a
 
 import hashlib
 import json
+import random
+import subprocess
+import sys
+import textwrap
 import urllib.error
 
 import numpy as np
@@ -16,7 +20,7 @@ import minillm.data.dataset as data
 from minillm.cli import main
 from minillm.data.dataset import MLM_SPECIAL_TOKENS, get_batch, load_text, mask_tokens, prepare_dataset
 from minillm.model.losses import IGNORE_INDEX
-from minillm.data.tokenizer import BPETokenizer, CharTokenizer
+from minillm.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
         "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n") * 20
@@ -158,6 +162,80 @@ def test_bpe_dataset_round_trips_and_chunking_changes_nothing(tmp_path, monkeypa
     np.testing.assert_array_equal(chunked.val, whole.val)
 
 
+def test_bpe_dataset_ids_equal_encoding_the_whole_split(tmp_path, monkeypatch):
+    # "\n\n" before a word, runs of spaces, CRLF (read as "\n"), multi-byte characters that 37-byte
+    # reads cut in half, and special tokens: the streamed ids must be encode() of each whole split.
+    text = ("Word.\n\nNext  line\r\n\r\n   indented<|endoftext|>\n café 東京 🙂\n'RE it's\n" * 40
+            + "no newline at the end")
+    path = tmp_path / "t.txt"
+    path.write_bytes(text.encode("utf-8"))
+    read = load_text(path)
+    assert "\r" not in read  # universal newlines, as Path.read_text
+    monkeypatch.setattr(data, "_CHUNK_CHARS", 37)
+    for pattern in ("gpt2", "gpt4", "none"):
+        ds = prepare_dataset(path, tokenizer="bpe", vocab_size=320, special_tokens={"<|endoftext|>": 400},
+                             split_pattern=pattern, cache_dir=tmp_path / pattern)
+        train, val = data.split_text(read)
+        assert ds.tokenizer.special_tokens == {"<|endoftext|>": 400} and ds.meta["split_pattern"] == pattern
+        assert ds.tokenizer.to_dict() == BPETokenizer.train(train, 320, {"<|endoftext|>": 400},
+                                                            pattern=pattern).to_dict()
+        assert ds.train.tolist() == ds.tokenizer.encode(train)
+        assert ds.val.tolist() == ds.tokenizer.encode(val)
+        assert ds.meta["text_sha256"] == hashlib.sha256(read.encode()).hexdigest()  # the key as before
+        assert ds.meta["characters"] == len(read) and ds.meta["bytes"] == len(read.encode())
+
+
+def test_streamed_corpus_reads_like_load_text(tmp_path):
+    (tmp_path / "a.txt").write_bytes("é\r".encode() + b"\n" + "東".encode() * 10)  # "\r\n" across reads
+    (tmp_path / "b.txt").write_bytes(b"")
+    (tmp_path / "c.txt").write_bytes("x\r".encode())
+    for size in (1, 2, 3, 1 << 20):
+        assert "".join(corpora.iter_path(tmp_path, chunk_bytes=size)) == load_text(tmp_path)
+    assert load_text(tmp_path) == "é\n" + "東" * 10 + "\n\nx\n"
+    (tmp_path / "d.txt").write_bytes(b"ok\n" * 1000 + b"\xff")
+    with pytest.raises(ValueError, match="not UTF-8 text \\(byte 3000"):
+        list(corpora.iter_path(tmp_path / "d.txt", chunk_bytes=7))
+
+
+def test_char_dataset_of_a_50_mb_file_stays_in_bounded_memory(tmp_path):
+    """Peak RSS growth while preparing 50 MB of text, measured in a fresh process.
+
+    Holding the text once (50 MB as a str), its UTF-8 copy for the hash and the split copies would
+    take > 150 MB; streaming holds ~1M characters and their ids at a time.
+    """
+    rng = random.Random(0)
+    words = ["the", "model", "tokens", "naïve", "東京", "🙂", "attention", "a", "of", "x=1;"]
+    block = "".join(" ".join(rng.choices(words, k=rng.randrange(1, 15))) + "\n" for _ in range(20_000))
+    path = tmp_path / "big.txt"
+    with open(path, "w", encoding="utf-8") as f:
+        reps = -(-50_000_000 // len(block.encode()))
+        for _ in range(reps):
+            f.write(block)
+    n = len(block) * reps
+    script = textwrap.dedent(f"""
+        import json, resource, sys
+        from minillm.data.dataset import prepare_dataset
+        def peak():  # ru_maxrss: kilobytes on Linux, bytes on macOS
+            scale = 1 if sys.platform == "darwin" else 1024
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        before = peak()
+        ds = prepare_dataset({str(path)!r}, cache_dir={str(tmp_path / "cache")!r})
+        print(json.dumps({{"growth": peak() - before, "path": str(ds.path), **ds.meta}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.splitlines()[-1])
+    assert r["characters"] == n and r["bytes"] >= 50_000_000
+    n_train = int(n * 0.9)  # split_text's point: one char token per character
+    assert r["train_tokens"] == n_train and r["val_tokens"] == n - n_train
+    tok = load_tokenizer(r["path"])
+    train = np.memmap(f"{r['path']}/train.bin", dtype=np.uint16, mode="r")
+    val = np.memmap(f"{r['path']}/val.bin", dtype=np.uint16, mode="r")
+    start = n_train % len(block)
+    assert tok.decode(train[:300]) == block[:300]
+    assert tok.decode(train[-100:]) + tok.decode(val[:100]) == (block * 2)[start - 100 + len(block):][:200]
+    assert r["growth"] < 64 * 2**20, f"peak RSS grew by {r['growth'] / 2**20:.0f} MB for 50 MB of text"
+
+
 def test_large_vocab_is_stored_as_uint32(tmp_path):
     chars = [chr(c) for c in range(0x10000, 0x10000 + 66_000)]  # beyond the surrogates
     path = tmp_path / "big.txt"
@@ -261,3 +339,22 @@ def test_cli_prepares_then_reuses(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["data", "--help"])
     assert exit_info.value.code == 0
+
+
+def test_cli_split_pattern_and_special_token_ids(tmp_path, capsys):
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT)
+    base = ["data", str(path), "--tokenizer=bpe", "--vocab_size=280", f"--cache_dir={tmp_path}"]
+    assert main(base + ["--split_pattern=gpt4", "--special_tokens=<|endoftext|>=300,[MASK]=290"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab_size=301" in out and "'<|endoftext|>', '[MASK]'" in out
+    ds = prepare_dataset(path, tokenizer="bpe", vocab_size=280, cache_dir=tmp_path, split_pattern="gpt4",
+                         special_tokens={"<|endoftext|>": 300, "[MASK]": 290})
+    assert ds.reused and ds.tokenizer.special_tokens == {"<|endoftext|>": 300, "[MASK]": 290}
+    assert main(base + ["--special_tokens=<s>=5"]) == 2
+    assert "collide with the byte/merge ids" in capsys.readouterr().err
+    assert main(base + ["--special_tokens=<s>=300,</s>"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # argparse's choices
+        main(base + ["--split_pattern=gpt5"])
+    assert exit_info.value.code == 2
+    assert main(["data", str(path), "--split_pattern=gpt4", f"--cache_dir={tmp_path}"]) == 2  # char

@@ -9,8 +9,8 @@ import regex
 import torch
 
 from minillm.checkpoint import write_json
-from minillm.data.tokenizer import (GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, load_tokenizer,
-                               tokenizer_from_dict)
+from minillm.data.tokenizer import (GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, BPETokenizer, CharTokenizer,
+                                    load_tokenizer, tokenizer_from_dict)
 
 # A small text with repeated words, overlapping runs ("aaaa", spaces) and multi-byte characters.
 TEXT = (
@@ -181,3 +181,131 @@ def test_bpe_bad_inputs_are_clear_errors():
         BPETokenizer([]).decode([256])
     with pytest.raises(FileNotFoundError):
         load_tokenizer("/nonexistent/tokenizer.json")
+
+
+# --- split patterns, tie-breaks, special-token ids --------------------------------------------
+
+def test_gpt4_pattern_splits_as_cl100k_does():
+    # cl100k's documented behaviour: digits in groups of <= 3, a symbol joins the word after it,
+    # newlines join the punctuation before them, contractions are case-insensitive.
+    assert regex.findall(GPT4_SPLIT_PATTERN, "I'M (foo) 1234567.\n\n x") == [
+        "I", "'M", " (", "foo", ")", " ", "123", "456", "7", ".\n\n", " x"]
+    assert regex.findall(GPT2_SPLIT_PATTERN, "I'M (foo) 1234567") == [
+        "I", "'", "M", " (", "foo", ")", " 1234567"]
+
+
+def test_split_pattern_none_lets_merges_cross_words():
+    text = "ab ab ab ab ab ab\n" * 20
+    crossing = BPETokenizer.train(text, 270, pattern="none")
+    assert crossing.pattern is None
+    assert any(b"b a" in crossing.vocab[i] for i in crossing.merges.values())
+    split = BPETokenizer.train(text, 270, pattern="gpt2")
+    assert not any(b"b " in split.vocab[i] for i in split.merges.values())  # a space only starts a word
+    for tok in (crossing, split, BPETokenizer.train(text, 270, pattern="gpt4")):
+        assert tok.decode(tok.encode(TEXT)) == TEXT
+
+
+def test_ties_go_to_the_smallest_pair_whatever_the_order_of_the_text():
+    # Three pairs, each seen once: (a,b) < (c,d) < (x,y) as byte values. "First seen" would follow
+    # the text order and give different merges for the two texts.
+    for text in ("xy\nab\ncd\n", "cd\nxy\nab\n"):
+        tok = BPETokenizer.train(text, 259)
+        assert list(tok.merges) == [(97, 98), (99, 100), (120, 121)]
+
+
+def test_special_token_ids_can_be_chosen_and_round_trip(tmp_path):
+    eot = "<|endoftext|>"
+    tok = BPETokenizer.train(TEXT, 300, special_tokens={eot: 299, "[MASK]": 310}, pattern="gpt4")
+    assert len(tok.merges) == 300 - 256 - 2 and tok.vocab_size == 311  # ids 298, 300..309 unused
+    assert tok.special_tokens == {eot: 299, "[MASK]": 310}
+    ids = tok.encode(f"hi{eot}there[MASK]")
+    assert ids.count(299) == 1 and ids[-1] == 310 and tok.decode(ids) == f"hi{eot}there[MASK]"
+    with pytest.raises(ValueError, match="outside this tokenizer's vocabulary .*unused"):
+        tok.decode([300])
+    tok.save(tmp_path / "tokenizer.json")
+    back = load_tokenizer(tmp_path / "tokenizer.json")
+    assert back.to_dict() == tok.to_dict() and back.pattern == GPT4_SPLIT_PATTERN
+    assert back.encode(TEXT + eot) == tok.encode(TEXT + eot)
+    none = BPETokenizer.train(TEXT, 280, pattern="none")
+    assert tokenizer_from_dict(json.loads(json.dumps(none.to_dict()))).pattern is None
+
+
+def test_special_token_ids_must_not_collide_with_bytes_or_merges():
+    with pytest.raises(ValueError, match=r"collide with the byte/merge ids 0..297 .*use ids >= 298"):
+        BPETokenizer.train(TEXT, 300, special_tokens={"<s>": 297, "</s>": 299})
+    with pytest.raises(ValueError, match="distinct ints >= 258"):
+        BPETokenizer([(97, 98), (256, 99)], {"<s>": 100})
+    with pytest.raises(ValueError, match="distinct"):
+        BPETokenizer([], {"<s>": 300, "</s>": 300})
+    with pytest.raises(ValueError, match="< 1048576"):  # not a billion-entry vocabulary
+        tokenizer_from_dict({"type": "bpe", "merges": [], "special_tokens": {"<s>": 10**9}})
+
+
+def test_tokenizer_json_from_before_split_patterns_and_ids_still_loads():
+    old = {"type": "bpe", "merges": [[97, 98], [256, 99]], "special_tokens": {"[PAD]": 258, "[MASK]": 259}}
+    tok = tokenizer_from_dict(old)  # no "pattern": GPT-2's, the only one then
+    assert tok.pattern == GPT2_SPLIT_PATTERN and tok.special_tokens == {"[PAD]": 258, "[MASK]": 259}
+    assert tok.encode("abc abc[MASK]") == [257, 32, 257, 259]
+    assert tokenizer_from_dict({"type": "bpe", "merges": []}).vocab_size == 256
+
+
+# --- streaming: encode_iterable == encode ------------------------------------------------------
+
+TRICKY = [
+    "no newline at the end",
+    "line one\nline two\n\n\nthree   spaces   \n    indented\n\tTab\n",
+    "  \n\n   \n word\n\n\nWord.\n\n",  # whitespace runs that a cut must not split
+    "crlf\r\nlines\r\n\r\nend\r",
+    "they're 'RE it's I'M don't\n'\nre",  # contractions: "'" and "re" must stay together
+    "Naïve café déjà vu 東京タワー 🙂🙂 👩‍👩‍👧\u00a0nbsp\u2028sep\n12345 6789.\n",
+    "a<|endoftext|>b\n<|endoftext|><|endoftext|>\n<|end",  # specials and a prefix of one at the end
+    "x[MASK]\n[MASK] [MASK][MA\nSK]<s>\n",  # "<s>\n" below is a special containing a newline
+]
+SPECIALS = ("<|endoftext|>", "[MASK]", "<s>\n", "<|end")
+
+
+def _pieces(text: str, rng: random.Random) -> list[str]:
+    cuts = sorted(rng.choices(range(len(text) + 1), k=rng.randrange(0, 12)))
+    return [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4", "none"])
+def test_bpe_encode_iterable_equals_encode_of_the_whole_text(pattern):
+    # Whitespace runs in the training text: merges like "\n\n" make a wrongly cut run change the ids.
+    ws = "x\n\n\ny  \n\n z\r\n\r\n" * 20
+    tok = BPETokenizer.train(TEXT + "".join(TRICKY) + ws, 400, special_tokens=SPECIALS, pattern=pattern)
+    rng = random.Random(0)
+    for text in TRICKY + ["".join(TRICKY), TEXT]:
+        whole = tok.encode(text)
+        for i in range(len(text) + 1 if len(text) < 200 else 0):  # every two-piece split
+            assert list(tok.encode_iterable([text[:i], text[i:]])) == whole, (text, i)
+        for _ in range(20):  # random many-piece splits, and empty pieces
+            assert list(tok.encode_iterable(_pieces(text, rng))) == whole
+        assert list(tok.encode_iterable(text.splitlines(keepends=True))) == whole
+        plain = list(tok.encode_iterable(_pieces(text, rng), allowed_special="none"))
+        assert plain == tok.encode(text, allowed_special="none")
+
+
+def test_char_encode_iterable_equals_encode_of_the_whole_text():
+    text = "".join(TRICKY)
+    tok = CharTokenizer.from_text(text, special_tokens=SPECIALS)
+    rng = random.Random(0)
+    for i in range(len(text) + 1):
+        assert list(tok.encode_iterable([text[:i], text[i:]])) == tok.encode(text)
+    for _ in range(50):
+        assert list(tok.encode_iterable(_pieces(text, rng))) == tok.encode(text)
+    with pytest.raises(ValueError, match="not in this CharTokenizer"):
+        list(tok.encode_iterable(["ab", "c\u0394"]))
+
+
+def test_streaming_holds_a_line_at_a_time_not_the_corpus():
+    lines = [f"Line {i}: the quick brown fox, {i * 7} jumps.\n  and again\n" for i in range(2000)]
+    tok = BPETokenizer.train("".join(lines[:200]), 300, special_tokens=("<|endoftext|>",))
+    segments = list(tok.encode_stream(lines))
+    assert [i for seg in segments for i in seg] == tok.encode("".join(lines))
+    assert len(segments) > 1000 and max(len(tok.decode(s)) for s in segments) <= 2 * max(map(len, lines))
+    # Without a split pattern only special tokens are safe cuts: one segment per document.
+    none = BPETokenizer.train("".join(lines[:200]), 300, special_tokens=("<|endoftext|>",), pattern="none")
+    docs = ["".join(lines[i:i + 100]) + "<|endoftext|>" for i in range(0, 2000, 100)]
+    segments = list(none.encode_stream(docs))
+    assert [i for seg in segments for i in seg] == none.encode("".join(docs)) and len(segments) == 20

@@ -2,6 +2,7 @@
 
     minillm data                                          python-docs, character-level
     minillm data shakespeare --tokenizer=bpe --vocab_size=1024
+    minillm data corpus.txt --tokenizer=bpe --split_pattern=gpt4 --special_tokens="<|endoftext|>=1023"
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 
 from minillm.data.corpora import CORPORA
 from minillm.data.dataset import DEFAULT_BPE_VOCAB, prepare_dataset
-from minillm.data.tokenizer import BPETokenizer
+from minillm.data.tokenizer import SPLIT_PATTERNS, BPETokenizer
 
 
 def add_parser(sub) -> None:
@@ -32,10 +33,26 @@ def add_parser(sub) -> None:
     p.add_argument("--vocab_size", type=int, default=None,
                    help=f"BPE vocabulary size incl. 256 byte ids and specials (default {DEFAULT_BPE_VOCAB})")
     p.add_argument("--special_tokens", default="",
-                   help='comma-separated special tokens, e.g. "[PAD],[MASK]" for masked-LM training')
+                   help='comma-separated special tokens, e.g. "[PAD],[MASK]" for masked-LM training; '
+                        'bpe takes ids too: "<|endoftext|>=1023" (ids above the bytes and merges)')
+    p.add_argument("--split_pattern", choices=tuple(SPLIT_PATTERNS), default="gpt2",
+                   help="bpe pre-tokenizer: gpt2 (GPT-2's regex), gpt4 (cl100k's: digits in 3s, "
+                        "symbol+word), none (no split: merges may cross words)")
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of the text for validation")
     p.add_argument("--cache_dir", default=None, help="where corpora and datasets are cached")
     p.set_defaults(func=cmd_data)
+
+
+def _parse_specials(arg: str) -> list[str] | dict[str, int]:
+    """"[PAD],[MASK]" -> a list; "<|endoftext|>=1023" -> {token: id}: all with ids or none."""
+    items = [s for s in arg.split(",") if s]
+    with_id = [s.rpartition("=") for s in items]
+    with_id = [(tok, int(i)) for tok, eq, i in with_id if eq and tok and i.isdigit()]
+    if not with_id:
+        return items
+    if len(with_id) != len(items):
+        raise ValueError(f"--special_tokens={arg!r}: give every token an id (TOKEN=ID) or none")
+    return dict(with_id)
 
 
 def _show(tokenizer, ids) -> str:
@@ -52,10 +69,10 @@ def cmd_data(args, overrides: list[str]) -> int:
     if args.source and args.data and args.source != args.data:
         raise ValueError(f"two data sources given: {args.source!r} and --data={args.data!r}")
     source = args.source or args.data or "python-docs"
-    specials = [s for s in args.special_tokens.split(",") if s]
+    specials = _parse_specials(args.special_tokens)
     ds = prepare_dataset(source, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                          special_tokens=specials, cache_dir=args.cache_dir,
-                         val_fraction=args.val_fraction, verbose=True)
+                         val_fraction=args.val_fraction, verbose=True, split_pattern=args.split_pattern)
     m = ds.meta
     n_tokens = m["train_tokens"] + m["val_tokens"]
     print(f"source       {m['source']} ({m['source_arg']}), sha256 {m['text_sha256'][:16]}…")

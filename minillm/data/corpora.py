@@ -11,12 +11,15 @@ The cache dir is `$XDG_CACHE_HOME/minillm` (else `~/.cache/minillm`), or the `ca
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import hashlib
+import io
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 from minillm.files import write_bytes
 
@@ -84,25 +87,65 @@ def shakespeare_text(cache_dir: str | Path | None = None) -> str:
     return data.decode("utf-8")
 
 
-def _read_utf8(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); "
-                         "convert it first, e.g. iconv -f latin1 -t utf-8") from None
+def _iter_utf8(path: Path, chunk_bytes: int) -> Iterator[str]:
+    """The text of a UTF-8 file, `chunk_bytes` at a time, as `Path.read_text(encoding="utf-8")` reads it.
+
+    Incremental decoders carry a multi-byte character or a "\r\n" split between two reads over to
+    the next one; the newline decoder turns "\r\n" and "\r" into "\n", as text mode does.
+    """
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)
+    consumed = 0  # bytes handed to the decoder so far, for the error message
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk_bytes)
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:  # e.start counts from the bytes still pending in utf8
+                at = consumed - len(utf8.getstate()[0]) + e.start
+                raise ValueError(f"{path} is not UTF-8 text (byte {at}: {e.reason}); "
+                                 "convert it first, e.g. iconv -f latin1 -t utf-8") from None
+            consumed += len(data)
+            if text:
+                yield text
+            if not data:
+                return
+
+
+def iter_path(path: str | Path, chunk_bytes: int = 1 << 20) -> Iterator[str]:
+    """A .txt file, or every .txt file under a folder in sorted path order, each ending in a newline,
+    in pieces of about `chunk_bytes`: the text without ever holding all of it."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        yield from _iter_utf8(path, chunk_bytes)
+        return
+    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no .txt files in folder {path}")
+    for f in files:
+        last = ""
+        for text in _iter_utf8(f, chunk_bytes):
+            yield text
+            last = text[-1]
+        if last != "\n":  # else one file's last line would run into the next file's first line
+            yield "\n"
 
 
 def read_path(path: str | Path) -> str:
     """A .txt file, or every .txt file under a folder in sorted path order, each ending in a newline."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return _read_utf8(path)
-    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-    if not files:
-        raise FileNotFoundError(f"no .txt files in folder {path}")
-    texts = [_read_utf8(f) for f in files]
-    # Without the newline, one file's last line would run into the next file's first line.
-    return "".join(t if t.endswith("\n") else t + "\n" for t in texts)
+    return "".join(iter_path(path))
+
+
+def iter_text(source: str | Path, cache_dir: str | Path | None = None,
+              chunk_bytes: int = 1 << 20) -> Iterator[str]:
+    """`load_text(source)` in pieces: a local file or folder is streamed, a named corpus (a few MB at
+    most) is loaded whole and handed out in pieces. No check for emptiness: the caller counts."""
+    if str(source) not in CORPORA and Path(source).expanduser().exists():
+        yield from iter_path(source, chunk_bytes)
+        return
+    text = load_text(source, cache_dir)
+    for i in range(0, len(text), chunk_bytes):
+        yield text[i:i + chunk_bytes]
 
 
 def load_text(source: str | Path, cache_dir: str | Path | None = None) -> str:
@@ -123,11 +166,15 @@ def load_text(source: str | Path, cache_dir: str | Path | None = None) -> str:
     return text
 
 
-def source_name(source: str | Path, text: str) -> str:
-    """A short name for cache folders and summaries; a local copy of tiny-shakespeare is "shakespeare"."""
+def source_name(source: str | Path, text: str | None = None, text_sha256: str | None = None) -> str:
+    """A short name for cache folders and summaries; a local copy of tiny-shakespeare is "shakespeare".
+
+    Give the text, or its UTF-8 sha256 when the text is streamed rather than held."""
     if str(source) in CORPORA:
         return str(source)
-    if sha256_hex(text.encode("utf-8")) == SHAKESPEARE_SHA256:
+    if text_sha256 is None:
+        text_sha256 = sha256_hex(text.encode("utf-8"))
+    if text_sha256 == SHAKESPEARE_SHA256:
         return "shakespeare"
     stem = Path(source).expanduser().resolve().name or "data"
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(stem).stem)[:40] or "data"

@@ -2,10 +2,14 @@
 
 The recipe is nanoGPT's `data/shakespeare_char/prepare.py` + `train.py:get_batch`:
 
-1. load the text (`minillm.data.corpora`: "python-docs", "shakespeare", or a .txt file/folder);
+1. read the text (`minillm.data.corpora`: "python-docs", "shakespeare", or a .txt file/folder);
 2. split it by characters: the first 90% is train, the rest val;
 3. tokenize both and store them as flat uint16 arrays (uint32 when the vocabulary is > 65535),
-   read back with `np.memmap`, so a dataset larger than memory still works and opening it is free;
+   read back with `np.memmap`, so a dataset larger than memory still works and opening it is free.
+   A file is streamed, never held whole: one pass counts its characters (and hashes it, and collects
+   the characters of a char vocabulary), a second one encodes it piece by piece with the tokenizer's
+   `encode_stream` and appends the ids to the memmap files. (BPE training still reads the train
+   split into memory.)
 4. a batch is B random windows of T+1 tokens: x = window[:-1], y = window[1:] (next-token targets).
 
 Prepared datasets live in `<cache dir>/datasets/<name>-<tokenizer>-<key>/` (train.bin, val.bin,
@@ -18,26 +22,31 @@ For BERT-style masked-LM training, `mask_tokens` applies BERT's 80/10/10 masking
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from minillm.data.corpora import CORPORA, default_cache_dir, load_text, sha256_hex, source_name
+from minillm.data.corpora import iter_text, default_cache_dir, load_text, sha256_hex, source_name
 from minillm.model.losses import IGNORE_INDEX
-from minillm.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+from minillm.data.tokenizer import SPLIT_PATTERNS, BPETokenizer, CharTokenizer, load_tokenizer
 
 __all__ = ["Dataset", "prepare_dataset", "split_text", "get_batch", "mask_tokens", "load_text", "MLM_SPECIAL_TOKENS"]
 
 DEFAULT_BPE_VOCAB = 1024
 MLM_SPECIAL_TOKENS = ("[PAD]", "[MASK]")  # what mask_tokens needs; pass as special_tokens=
-FORMAT_VERSION = 1  # bump when the on-disk layout changes: old cache folders are then ignored
-_CHUNK_CHARS = 1 << 20  # tokenize ~1M characters at a time (progress bar, bounded memory)
+# Bump when the on-disk layout or the ids change: old cache folders are then ignored. 2: BPE files of
+# texts over 1M characters were cut into pieces that could split a whitespace run ("\n\n" before a
+# word became "\n\n" instead of "\n", "\n"); now streamed at exact cuts, ids equal encode(whole text).
+FORMAT_VERSION = 2
+_CHUNK_CHARS = 1 << 19  # read ~512k characters (UTF-8 bytes) at a time: bounded memory, a progress bar
 
 
 @dataclass
@@ -55,36 +64,57 @@ def _token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def _chunks(text: str, tokenizer) -> list[str]:
-    """Cut `text` into ~1M-character pieces that tokenize exactly as the whole text does.
+def _split_stream(pieces: Iterable[str], n: int) -> tuple[Iterator[str], Iterator[str]]:
+    """(head, tail): the first n characters of a stream of text pieces, and the rest.
 
-    A cut goes after a newline that is followed by a non-space character: GPT-2's regex never joins
-    across such a point, and no run of whitespace is split. (A special token containing a newline
-    could straddle a cut, so then the text stays whole.)
+    split_text for a stream. Both share one pass over `pieces`: read head to its end first.
     """
-    if len(text) <= _CHUNK_CHARS or any("\n" in s for s in tokenizer.special_tokens):
-        return [text]
-    pieces, start = [], 0
-    while len(text) - start > _CHUNK_CHARS:
-        cut = start + _CHUNK_CHARS
-        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
-            cut += 1
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return [p for p in pieces if p]
+    it, rest = iter(pieces), []
+
+    def head():
+        left = n
+        for p in it:
+            if len(p) >= left:  # the piece holding the split point: cut it, keep the tail for later
+                yield p[:left]
+                rest.append(p[left:])
+                return
+            left -= len(p)
+            yield p
+
+    def tail():
+        yield from rest
+        yield from it
+
+    return head(), tail()
 
 
-def _write_tokens(path: Path, text: str, tokenizer, dtype, progress) -> int:
+def _write_tokens(path: Path, pieces: Iterable[str], tokenizer, dtype, progress) -> int:
+    """Encode a stream of text into `path`, appending each segment's ids: memory is one segment."""
+    def counted(pieces):
+        for p in pieces:
+            yield p
+            if progress is not None:
+                progress.update(len(p))
+
     n = 0
     with open(path, "wb") as f:
-        for piece in _chunks(text, tokenizer):
-            ids = np.asarray(tokenizer.encode(piece), dtype=np.int64)
-            ids.astype(dtype).tofile(f)
+        for ids in tokenizer.encode_stream(counted(pieces)):
+            np.asarray(ids, dtype=dtype).tofile(f)  # ids < 2**16 (or 2**32) by _token_dtype
             n += len(ids)
-            if progress is not None:
-                progress.update(len(piece))
     return n
+
+
+def _scan(source, cache_dir, want_chars: bool) -> tuple[int, int, str, set[str]]:
+    """One pass over the text: (characters, UTF-8 bytes, sha256, the set of characters if wanted)."""
+    n_chars = n_bytes = 0
+    sha, chars = hashlib.sha256(), set()
+    for piece in iter_text(source, cache_dir, _CHUNK_CHARS):
+        data = piece.encode("utf-8")  # the hash of the pieces' bytes is the hash of the text's bytes
+        sha.update(data)
+        n_chars, n_bytes = n_chars + len(piece), n_bytes + len(data)
+        if want_chars:
+            chars.update(piece)
+    return n_chars, n_bytes, sha.hexdigest(), chars
 
 
 def _open_tokens(path: Path, dtype, count: int) -> np.ndarray:
@@ -124,12 +154,15 @@ def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
 
 def prepare_dataset(source: str | Path = "python-docs", tokenizer: str = "char",
                     vocab_size: int | None = None, special_tokens=(), cache_dir: str | Path | None = None,
-                    val_fraction: float = 0.1, verbose: bool = False) -> Dataset:
+                    val_fraction: float = 0.1, verbose: bool = False,
+                    split_pattern: str = "gpt2") -> Dataset:
     """Tokenize `source` into train/val memmaps (or reuse an earlier identical preparation).
 
     tokenizer: "char" (vocabulary = the text's characters) or "bpe" (byte-level, `vocab_size` ids,
-    default 1024, trained on the train split only so validation text is truly unseen).
-    special_tokens: e.g. MLM_SPECIAL_TOKENS for masked-LM training.
+    default 1024, trained on the train split only so validation text is truly unseen; that split is
+    read into memory for training, everything else is streamed).
+    special_tokens: e.g. MLM_SPECIAL_TOKENS for masked-LM training; for bpe also a dict {token: id}.
+    split_pattern: bpe's pre-tokenizer, "gpt2", "gpt4" (cl100k) or "none".
     """
     if tokenizer not in ("char", "bpe"):
         raise ValueError(f"tokenizer must be 'char' or 'bpe', got {tokenizer!r}")
@@ -138,28 +171,39 @@ def prepare_dataset(source: str | Path = "python-docs", tokenizer: str = "char",
                          "set of characters")
     if tokenizer == "bpe" and vocab_size is None:
         vocab_size = DEFAULT_BPE_VOCAB
+    if split_pattern not in SPLIT_PATTERNS:
+        raise ValueError(f"split_pattern must be one of {', '.join(SPLIT_PATTERNS)}, got {split_pattern!r}")
+    if tokenizer == "char" and (split_pattern != "gpt2" or isinstance(special_tokens, dict)):
+        raise ValueError("split_pattern and special-token ids apply to the bpe tokenizer; char ids "
+                         "are the sorted characters, then the special tokens in order")
     split_text("", val_fraction)  # checks val_fraction before any work
-    special_tokens = list(special_tokens)
+    special_tokens = dict(special_tokens) if isinstance(special_tokens, dict) else list(special_tokens)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
-    text = load_text(source, cache_dir=cache_dir)
-    text_sha = sha256_hex(text.encode("utf-8"))
+    # Pass 1: count, hash (the cache key) and, for char, collect the vocabulary, without holding the text.
+    n_chars, n_bytes, text_sha, chars = _scan(source, cache_dir, want_chars=tokenizer == "char")
+    if n_chars == 0:
+        raise ValueError(f"data source {str(source)!r} is empty")
     settings = {"format": FORMAT_VERSION, "text_sha256": text_sha, "tokenizer": tokenizer,
-                "vocab_size": vocab_size, "special_tokens": special_tokens, "val_fraction": val_fraction}
+                "vocab_size": vocab_size, "special_tokens": special_tokens, "val_fraction": val_fraction,
+                "split_pattern": split_pattern if tokenizer == "bpe" else None}
     key = sha256_hex(json.dumps(settings, sort_keys=True).encode())[:12]
-    name = source_name(source, text)
+    name = source_name(source, text_sha256=text_sha)
     folder = cache_dir / "datasets" / f"{name}-{tokenizer}{vocab_size or ''}-{key}"
     ds = _load(folder)
     if ds is not None:
         return ds
 
     t0 = time.perf_counter()
-    train_text, val_text = split_text(text, val_fraction)
+    n_train = int(n_chars * (1 - val_fraction))  # split_text's point, from the count alone
     if tokenizer == "char":
         # From the whole text, as nanoGPT does: val may contain a character train lacks.
-        tok = CharTokenizer.from_text(text, special_tokens)
+        tok = CharTokenizer(sorted(chars), special_tokens)
     else:
-        tok = BPETokenizer.train(train_text, vocab_size, special_tokens, verbose=verbose)
+        train_text = "".join(_split_stream(iter_text(source, cache_dir, _CHUNK_CHARS), n_train)[0])
+        tok = BPETokenizer.train(train_text, vocab_size, special_tokens, verbose=verbose,
+                                 pattern=split_pattern)
+        del train_text  # encoding below streams
     dtype = _token_dtype(tok.vocab_size)
 
     # Build in a private temp folder, then rename it into place (atomic): two processes preparing
@@ -171,13 +215,14 @@ def prepare_dataset(source: str | Path = "python-docs", tokenizer: str = "char",
     progress = None
     if verbose:
         from tqdm.auto import tqdm
-        progress = tqdm(total=len(text), desc="tokenizing", unit="char", unit_scale=True)
+        progress = tqdm(total=n_chars, desc="tokenizing", unit="char", unit_scale=True)
     try:
-        counts = {split: _write_tokens(tmp / f"{split}.bin", t, tok, dtype, progress)
-                  for split, t in (("train", train_text), ("val", val_text))}
+        # Pass 2: one read of the text, the first n_train characters to train.bin, the rest to val.bin.
+        train_pieces, val_pieces = _split_stream(iter_text(source, cache_dir, _CHUNK_CHARS), n_train)
+        counts = {"train": _write_tokens(tmp / "train.bin", train_pieces, tok, dtype, progress),
+                  "val": _write_tokens(tmp / "val.bin", val_pieces, tok, dtype, progress)}
         tok.save(tmp / "tokenizer.json")
-        n_bytes = len(text.encode("utf-8"))
-        meta = {**settings, "source": name, "source_arg": str(source), "characters": len(text),
+        meta = {**settings, "source": name, "source_arg": str(source), "characters": n_chars,
                 "bytes": n_bytes, "vocab_size": tok.vocab_size, "special_tokens": tok.special_tokens,
                 "dtype": np.dtype(dtype).name, "train_tokens": counts["train"],
                 "val_tokens": counts["val"], "bytes_per_token": n_bytes / max(1, sum(counts.values())),

@@ -10,13 +10,17 @@ pretrained ones, all with the same interface (`encode`, `decode`, `vocab_size`, 
   with Subword Units") on UTF-8 bytes, as in GPT-2 (Radford et al. 2019). The vocabulary starts with
   the 256 byte values, so *any* text encodes and decodes back exactly; training then repeatedly adds
   the most frequent adjacent pair of ids as a new id ("merge"). Text is first split into chunks by
-  GPT-2's regex (words, numbers, punctuation runs, whitespace) so merges never cross a word boundary.
+  a regex (GPT-2's by default: words, numbers, punctuation runs, whitespace; or GPT-4's cl100k one;
+  or none at all) so merges never cross a word boundary.
 - `HFTokenizer`: a Hugging Face model folder's tokenizer.json (SmolLM2, Llama, Qwen2), run by the
   `tokenizers` library, for models loaded with minillm.model.pretrained.
 
-Special tokens ("[MASK]", "<|endoftext|>", ...) get ids after the ordinary vocabulary. When their
-exact string appears in the text they are encoded as one id (pass `allowed_special="none"` to treat
-them as plain text instead).
+Special tokens ("[MASK]", "<|endoftext|>", ...) get ids after the ordinary vocabulary (BPE also takes
+a dict {token: id}). When their exact string appears in the text they are encoded as one id (pass
+`allowed_special="none"` to treat them as plain text instead).
+
+Big corpora: `encode_iterable(lines)` (an open file works) yields the same ids as `encode(whole_text)`
+while holding only a line or so of text at a time; see `_SpecialTokens.encode_stream`.
 
     >>> tok = BPETokenizer.train(text, vocab_size=512, special_tokens=("<|endoftext|>",))
     >>> tok.decode(tok.encode("hello world")) == "hello world"
@@ -30,7 +34,7 @@ import heapq
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import regex
 
@@ -42,6 +46,23 @@ from minillm.files import write_json
 GPT2_SPLIT_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 )
+# GPT-4's (tiktoken's cl100k_base, minbpe's GPT4_SPLIT_PATTERN): case-insensitive contractions, one
+# leading symbol may join a word ("(foo", "_bar"), numbers in groups of at most 3 digits, and newlines
+# join the punctuation before them (".\n").
+GPT4_SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+# The names `BPETokenizer.train(pattern=...)` and `minillm data --split_pattern` take. "none": no
+# split, the text is one chunk and merges may cross words and lines (minbpe's BasicTokenizer).
+SPLIT_PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN, "none": None}
+
+# Where encode_stream may cut a text under GPT-2's or GPT-4's pattern: after a newline that follows a
+# non-space and precedes a non-space ("x\n|A"), or between a letter and a symbol ("word|."). No
+# alternative of either pattern matches across these points, and the match just before them ends the
+# same way whether the text goes on or stops there. (?r) searches backwards: we want the last point.
+_STREAM_CUT = regex.compile(r"(?r)(?<=\S\n)(?=\S)|(?<=\p{L})(?=[^\s\p{L}\p{N}])")
+_MAX_ID = 1 << 20  # special-token ids chosen by the user stay below this (tiktoken's largest is ~200k)
+_CACHE_MAX = 1 << 16  # BPE's chunk -> ids cache: bounded, so encoding a huge corpus stays in bounded memory
 
 
 def _as_id_list(ids) -> list[int]:
@@ -55,7 +76,7 @@ class _SpecialTokens:
     special_tokens: dict[str, int]
 
     def _check_specials(self, special_tokens: Iterable[str]) -> list[str]:
-        specials = list(special_tokens)
+        specials = list(special_tokens)  # a dict gives its keys
         for s in specials:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"special tokens must be non-empty strings, got {s!r}")
@@ -75,6 +96,72 @@ class _SpecialTokens:
             raise ValueError(f"allowed_special names tokens this tokenizer does not have: {unknown}; "
                              f"it has {list(self.special_tokens)}")
         return allowed
+
+    # -- streaming: a corpus larger than memory ------------------------------------------------------
+    def encode_iterable(self, texts: Iterable[str], allowed_special="all") -> Iterator[int]:
+        """The ids of "".join(texts), one at a time: exactly `encode` of the joined text.
+
+        `texts` can be an open file (its lines), a generator of file chunks, any iterable of str.
+        Memory is bounded by the longest stretch of text without a safe cut (a line, for ordinary
+        text; see encode_stream), not by the corpus size.
+        """
+        for ids in self.encode_stream(texts, allowed_special):
+            yield from ids
+
+    def encode_stream(self, texts: Iterable[str], allowed_special="all") -> Iterator[list[int]]:
+        """Like encode_iterable, but one list of ids per encoded segment (what a dataset writes).
+
+        The idea: keep a carry of text not yet encoded; after each new piece, find the last *safe
+        cut* in it, encode the text up to the cut and keep the rest. A cut at i is safe when
+        encoding the two sides apart gives the ids of encoding them together, whatever follows:
+        - no occurrence of a special token straddles i (it would be cut in two), and
+        - the tokenizer's own splitting never joins across i (`_cut_candidates`): anywhere for
+          characters; for BPE where GPT-2's / GPT-4's regex cannot join, or after a special token.
+          With split pattern "none" only the latter remain, so memory is bounded by the longest
+          stretch between special tokens (e.g. one document between "<|endoftext|>"s).
+        """
+        allowed = self._allowed(allowed_special)
+        longest = max((len(s) for s in allowed), default=1)
+        carry = ""
+        for text in texts:
+            buf = carry + text
+            # Points in the carry were all rejected before, except the last few that lacked the
+            # characters after them: looking only from there keeps the search linear.
+            lo = max(1, len(carry) - longest - 2)
+            hi = len(buf) - max(1, longest - 1)  # a cut needs the characters after it to be known
+            cut = next((i for i in self._cut_candidates(buf, lo, hi, allowed)
+                        if not self._straddled(buf, i, allowed)), 0)
+            if cut:
+                yield self.encode(buf[:cut], allowed)
+            carry = buf[cut:]
+        if carry:
+            yield self.encode(carry, allowed)
+
+    def _cut_candidates(self, buf: str, lo: int, hi: int, specials: list[str]) -> Iterator[int]:
+        """Positions in [lo, hi] where this tokenizer's own splitting is independent, last first."""
+        return iter(range(hi, lo - 1, -1))  # characters: every position
+
+    @staticmethod
+    def _straddled(buf: str, i: int, specials: list[str]) -> bool:
+        """True if an occurrence of a special token starts before position i and ends after it."""
+        # An occurrence starting in [i-len+1, i-1] lies inside buf[i-len+1 : i+len-1], and only then.
+        return any(buf.find(s, max(0, i - len(s) + 1), i + len(s) - 1) != -1 for s in specials)
+
+    def _special_ends(self, buf: str, lo: int, hi: int, specials: list[str]) -> list[int]:
+        """Ends i in [lo, hi] of special-token occurrences [a, i) that `_split_special` surely takes.
+
+        The longest-first, left-to-right split takes [a, i) when no occurrence straddles a (an
+        earlier match could swallow a) and none straddles i (a longer special at a would, too);
+        encode_stream checks i, this checks a.
+        """
+        ends = set()
+        for s in specials:
+            a = buf.find(s, max(0, lo - len(s)))
+            while a != -1 and a + len(s) <= hi:
+                if not self._straddled(buf, a, specials):
+                    ends.add(a + len(s))
+                a = buf.find(s, a + 1)
+        return sorted(ends, reverse=True)
 
     @staticmethod
     def _split_special(text: str, specials: list[str]):
@@ -186,12 +273,15 @@ class BPETokenizer(_SpecialTokens):
     Encoding new text replays the merges in the order they were learned.
     """
 
-    def __init__(self, merges: Iterable[tuple[int, int]], special_tokens: Iterable[str] = (),
-                 pattern: str = GPT2_SPLIT_PATTERN):
+    def __init__(self, merges: Iterable[tuple[int, int]], special_tokens: Iterable[str] | dict[str, int] = (),
+                 pattern: str | None = GPT2_SPLIT_PATTERN):
+        """special_tokens: a list (ids follow the merges in order) or a dict {token: id} (any ids
+        above the merges; ids left between them are unused). pattern: a regex, a name in
+        SPLIT_PATTERNS ("gpt2", "gpt4", "none"), or None for no split."""
         # The merges list *is* the tokenizer: the vocabulary below is derived from it, which is
         # why the JSON stores only merges (as [a, b] pairs), the split pattern and the specials.
-        self.pattern = pattern
-        self._split = regex.compile(pattern)
+        self.pattern = SPLIT_PATTERNS.get(pattern, pattern) if isinstance(pattern, str) else pattern
+        self._split = regex.compile(self.pattern) if self.pattern is not None else None
         # merges[(a, b)] = new id. The id is also the merge's rank: lower ids were learned earlier
         # (more frequent) and must be applied first when encoding.
         self.merges: dict[tuple[int, int], int] = {}
@@ -203,8 +293,22 @@ class BPETokenizer(_SpecialTokens):
             self.merges[(a, b)] = new_id
             self.vocab.append(self.vocab[a] + self.vocab[b])
         specials = self._check_specials(special_tokens)
-        self.special_tokens = {s: len(self.vocab) + i for i, s in enumerate(specials)}
-        self.vocab += [s.encode("utf-8") for s in specials]
+        n = len(self.vocab)  # bytes + merges: the first id free for specials
+        if isinstance(special_tokens, dict):
+            self.special_tokens = {s: special_tokens[s] for s in specials}
+            ids = list(self.special_tokens.values())
+            # Capped so that a typo (or a hostile file) cannot make us allocate a billion-id vocabulary.
+            bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not n <= i < _MAX_ID]
+            if bad or len(set(ids)) != len(ids):
+                raise ValueError(f"special token ids {self.special_tokens} must be distinct ints >= {n} and "
+                                 f"< {_MAX_ID}: ids 0..{n - 1} are the 256 bytes and {n - 256} merges")
+        else:
+            self.special_tokens = {s: n + i for i, s in enumerate(specials)}
+        # id -> bytes; None marks an id no token uses (a gap below a special token's chosen id).
+        top = max(self.special_tokens.values(), default=n - 1)
+        self.vocab: list[bytes | None] = self.vocab + [None] * (top + 1 - n)
+        for s, i in self.special_tokens.items():
+            self.vocab[i] = s.encode("utf-8")
         self._cache: dict[str, list[int]] = {}  # chunk -> ids: text repeats its words a lot
 
     @property
@@ -213,28 +317,41 @@ class BPETokenizer(_SpecialTokens):
 
     # -- training ---------------------------------------------------------------------------------
     @classmethod
-    def train(cls, text: str, vocab_size: int, special_tokens: Iterable[str] = (),
-              verbose: bool = False) -> "BPETokenizer":
-        """Learn `vocab_size - 256 - len(special_tokens)` merges from `text`.
+    def train(cls, text: str, vocab_size: int, special_tokens: Iterable[str] | dict[str, int] = (),
+              verbose: bool = False, pattern: str | None = "gpt2") -> "BPETokenizer":
+        """Learn `vocab_size - 256 - len(special_tokens)` merges from `text` (held in memory whole).
+
+        pattern: how text is split before counting pairs, "gpt2" (default), "gpt4" (cl100k), "none"
+        (merges may cross words) or a regex. special_tokens: a list, ids after the merges, or a
+        dict {token: id} with ids >= 256 + merges (e.g. {"<|endoftext|>": 50256} at vocab_size=50257,
+        as GPT-2); an id past vocab_size makes the vocabulary that large.
 
         The textbook loop recounts every pair of the whole corpus after each merge: O(n · merges).
         Here the corpus is first reduced to its distinct chunks with their frequencies, and after a
         merge only the chunks ("words") that contain the merged pair are recounted. A pair -> words
         index finds them, and a heap of (-count, pair) finds the most frequent pair; entries whose
         count has changed since they were pushed are stale and skipped when popped ("lazy deletion").
-        Ties go to the smallest pair (a, b), so training is deterministic.
+        Ties: among equally frequent pairs the smallest (a, b) wins (the heap orders (-count, pair)),
+        so training is deterministic and does not depend on the order words were first seen.
         """
         specials = list(special_tokens)
         n_merges = vocab_size - 256 - len(specials)
         if n_merges < 0:
             raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte ids "
                              f"+ {len(specials)} special tokens")
+        if isinstance(special_tokens, dict):  # checked now, not after an hour of merges
+            low = {s: i for s, i in special_tokens.items() if isinstance(i, int) and i < 256 + n_merges}
+            if low:
+                raise ValueError(f"special token ids {low} collide with the byte/merge ids "
+                                 f"0..{255 + n_merges} of vocab_size={vocab_size}; use ids >= {256 + n_merges}")
+            cls([], special_tokens)  # ints, distinct
+        if pattern is not None and pattern in SPLIT_PATTERNS:
+            pattern = SPLIT_PATTERNS[pattern]
         # 1. Distinct chunks and their counts. Special tokens are cut out first: no merge spans them.
-        split = regex.compile(GPT2_SPLIT_PATTERN)
         counts: Counter[str] = Counter()
         for _, piece, is_special in cls._split_special(text, specials):
             if not is_special:
-                counts.update(split.findall(piece))
+                counts.update(regex.findall(pattern, piece) if pattern is not None else [piece])
         # Shakespeare's 1.1 MB is ~300k chunks but only ~15k distinct ones: working on distinct
         # chunks weighted by their count is the first big saving.
         words = [list(w.encode("utf-8")) for w in counts]  # word i as a list of ids, bytes at first
@@ -294,7 +411,7 @@ class BPETokenizer(_SpecialTokens):
                 progress.update(1)
         if progress is not None:
             progress.close()
-        return cls(merges, specials)
+        return cls(merges, special_tokens if isinstance(special_tokens, dict) else specials, pattern)
 
     # -- encoding / decoding ----------------------------------------------------------------------
     def _encode_chunk(self, chunk: str) -> list[int]:
@@ -319,22 +436,37 @@ class BPETokenizer(_SpecialTokens):
             # Most chunks (" the", " of", "\n") repeat many times: each distinct chunk is encoded
             # once and remembered. What remains is mostly the regex split itself.
             cache = self._cache
-            for chunk in self._split.findall(piece):
+            for chunk in (self._split.findall(piece) if self._split is not None else [piece]):
                 chunk_ids = cache.get(chunk)
                 if chunk_ids is None:
-                    chunk_ids = cache[chunk] = self._encode_chunk(chunk)
+                    chunk_ids = self._encode_chunk(chunk)
+                    if len(cache) >= _CACHE_MAX:  # a huge corpus has ever more distinct chunks:
+                        cache.clear()  # start over rather than grow without bound
+                    if len(chunk) <= 256:  # a long chunk (a whitespace run, pattern "none") rarely repeats
+                        cache[chunk] = chunk_ids
                 ids.extend(chunk_ids)
         return ids
+
+    def _cut_candidates(self, buf: str, lo: int, hi: int, specials: list[str]) -> Iterator[int]:
+        """For encode_stream: where the split pattern cannot join (GPT-2's, GPT-4's), or after a
+        special token (any pattern), last first."""
+        after_special = self._special_ends(buf, lo, hi, specials)
+        if self.pattern not in (GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN):
+            return iter(after_special)  # "none" or a custom regex: we cannot tell where it joins
+        by_pattern = (m.start() for m in _STREAM_CUT.finditer(buf, lo) if m.start() <= hi)
+        return heapq.merge(by_pattern, after_special, reverse=True)
 
     def decode_bytes(self, ids) -> bytes:
         """The raw bytes: a prefix of a token stream may end inside a multi-byte character."""
         ids = _as_id_list(ids)
         try:
-            return b"".join([self.vocab[i] for i in ids])
+            return b"".join([self.vocab[i] for i in ids])  # a gap's None fails the join: TypeError
         except (IndexError, TypeError):
-            bad = next(i for i in ids if not (isinstance(i, int) and 0 <= i < self.vocab_size))
+            bad = next(i for i in ids if not (isinstance(i, int) and 0 <= i < self.vocab_size
+                                              and self.vocab[i] is not None))
+            gaps = " except unused ids" if None in self.vocab else ""
             raise ValueError(f"token id {bad!r} is outside this tokenizer's vocabulary "
-                             f"(0..{self.vocab_size - 1})") from None
+                             f"(0..{self.vocab_size - 1}{gaps})") from None
 
     def decode(self, ids) -> str:
         # A model can emit byte sequences that are not valid UTF-8; show them as U+FFFD rather than fail.
@@ -348,12 +480,10 @@ class BPETokenizer(_SpecialTokens):
 
     @classmethod
     def from_dict(cls, d: dict) -> "BPETokenizer":
-        specials = sorted(d.get("special_tokens", {}).items(), key=lambda kv: kv[1])
-        tok = cls([tuple(m) for m in d["merges"]], [s for s, _ in specials],
-                  d.get("pattern", GPT2_SPLIT_PATTERN))
-        if tok.special_tokens != dict(specials):
-            raise ValueError("tokenizer JSON: special token ids must follow the merges in order")
-        return tok
+        # Files from before split-pattern choice have GPT-2's pattern; a null pattern is "none".
+        # Special ids are taken as written (files from before settable ids have them consecutive).
+        return cls([tuple(m) for m in d["merges"]], dict(d.get("special_tokens", {})),
+                   d.get("pattern", GPT2_SPLIT_PATTERN))
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict(), indent=None, sort_keys=False)
