@@ -6,6 +6,8 @@ Read in this order:
     tokenizer.py   character-level and byte-level BPE tokenizers
     dataset.py     the train/val split, token streams cached as numpy memmaps, random batches, and
                    BERT's masked-LM corruption
+    translation.py parallel text for the encoder–decoder: a generated date task, aligned files,
+                   Multi30k (downloaded and checked by sha256), teacher-forcing batches
 """
 
 from minillm.data.corpora import CORPORA, load_text

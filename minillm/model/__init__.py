@@ -8,6 +8,7 @@ Read in this order, the order the pieces are built in:
     flash.py         the same attention tiled, FlashAttention-2 in plain PyTorch (the step to kernels/)
     transformer.py   Block, Transformer, CausalLM (GPT-style), MaskedLM (BERT-style)
     losses.py        softmax and cross-entropy for next-token and masked-token prediction
+    seq2seq.py       the paper's encoder–decoder: cross-attention, label smoothing, its lr schedule
     builtin_ops.py   the same layers swapped for PyTorch's fused kernels (same parameters)
     pretrained.py    Hugging Face GPT-2, BERT and Llama-family (Llama, Mistral, Qwen2, SmolLM2)
                      weights loaded into these classes

@@ -1,0 +1,216 @@
+"""Greedy and beam-search decoding for the encoder–decoder (`Seq2Seq`) and the causal LM (`CausalLM`).
+
+Greedy decoding takes the most likely token at every step. Beam search (as in Sutskever et al. 2014,
+"Attention Is All You Need" §6.1: beam 4, α = 0.6) keeps the K best partial outputs ("beams") by
+total log-probability log P(Y) = Σ_t log p(y_t | y_<t, X), extends each by every token, and keeps the
+K best of the K·V candidates. A beam that emits EOS becomes a finished hypothesis, ranked by the
+length-normalised score of GNMT (Wu et al. 2016, eq. 14):
+
+    score(Y) = log P(Y) / lp(Y),        lp(Y) = ((5 + |Y|) / 6)^α
+
+(|Y| counts the generated tokens, EOS included; α = 0 gives the plain log-probability, which favours
+short outputs since every token adds a negative term.)
+
+Stopping, per example:
+    early_stopping=True  — as soon as K hypotheses have finished (the classic rule; with K = 1 this is
+                           exactly greedy decoding, which the tests check);
+    early_stopping=False — only when no live beam can still beat the worst of the K finished ones.
+                           That bound is exact: log P only falls as tokens are added (each log p ≤ 0)
+                           and lp only grows, so a live beam's best reachable score is
+                           log P / lp(max_new_tokens).
+    early_stopping="never" — run every example to max_new_tokens (the slow reference that
+                           early_stopping=False must agree with, since its bound is exact).
+At `max_new_tokens`, beams still alive are scored as they stand.
+
+Caching. The step function below sees the whole prefix each step (`use_cache=False`, the reference)
+or only the newest token with the decoder's KV cache (`use_cache=True`); tests hold the two equal.
+When beams are reordered (a beam's survivors are copies of other beams), the KV cache rows are
+gathered with the same index. For Seq2Seq the cross-attention K/V are computed once per source and
+repeated K times; every beam of an example reads the same source, so a reorder (which only permutes
+beams *within* an example) leaves them unchanged and they are never copied again.
+
+    >>> tokens, scores = beam_search(model, src, beam_size=4, max_new_tokens=50, alpha=0.6)
+    >>> tokens, scores = greedy_search(model, src, max_new_tokens=50)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from minillm.model.seq2seq import Seq2Seq
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT's lp(Y) = ((5 + |Y|) / 6)^α."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+class _Stepper:
+    """Next-token log-probabilities for N = B·K rows of prefixes, with or without the KV cache.
+
+    Seq2Seq: the prefix is [BOS, y1, ...]; CausalLM: [prompt..., y1, ...] (prompts of equal length)."""
+
+    def __init__(self, model, inputs: torch.Tensor, n_rep: int, max_new_tokens: int, use_cache: bool,
+                 src_mask: torch.Tensor | None = None):
+        self.model, self.use_cache = model, use_cache
+        self.seq2seq = isinstance(model, Seq2Seq)
+        B = inputs.shape[0]
+        if self.seq2seq:
+            cfg = model.cfg
+            src_mask = inputs != cfg.pad_id if src_mask is None else src_mask.bool()  # (B, S)
+            memory = model.encode(inputs, src_mask)  # (B, S, C): the source is read once
+            # each example's K beams share its source: repeat rows b → b·K .. b·K+K-1
+            self.kv = [(k.repeat_interleave(n_rep, 0), v.repeat_interleave(n_rep, 0))  # (B·K, H_kv, S, D)
+                       for k, v in model.cross_kv(memory)]
+            self.src_mask = src_mask.repeat_interleave(n_rep, 0)  # (B·K, S)
+            self.prefix = torch.full((B * n_rep, 1), cfg.bos_id, dtype=torch.long, device=inputs.device)
+            max_len = 1 + max_new_tokens
+        else:
+            self.prefix = inputs.repeat_interleave(n_rep, 0)  # (B·K, T0)
+            max_len = inputs.shape[1] + max_new_tokens
+        self.cache = model.new_cache(B * n_rep, max_len) if use_cache else None
+        self.fed = 0  # how many prefix tokens the cache already holds
+
+    def logprobs(self) -> torch.Tensor:
+        """log p(next token | prefix) for every row: (N, V)."""
+        x = self.prefix[:, self.fed:] if self.use_cache else self.prefix  # only new tokens go through
+        if self.seq2seq:
+            logits = self.model.decode(x, self.kv, self.src_mask, None, self.cache)  # (N, t, V)
+        else:
+            logits, _ = self.model(x, cache=self.cache)  # (N, t, V)
+        if self.use_cache:
+            self.fed = self.prefix.shape[1]
+        return F.log_softmax(logits[:, -1].float(), dim=-1)  # (N, V)
+
+    def advance(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Row i of the next step continues old row rows[i] with tokens[i]."""
+        self.prefix = torch.cat([self.prefix[rows], tokens[:, None]], dim=1)  # (N, t+1)
+        if self.cache is not None:
+            # cache.k, cache.v: (L, N, H_kv, max_len, D) — gather the batch axis like the prefixes
+            self.cache.k = self.cache.k[:, rows]
+            self.cache.v = self.cache.v[:, rows]
+
+
+@torch.no_grad()
+def greedy_search(model, inputs: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
+                  alpha: float = 0.0, use_cache: bool = True, src_mask: torch.Tensor | None = None):
+    """Argmax decoding. Returns (tokens: list of B lists of new ids, EOS left out; scores (B,) =
+    log P(Y) / lp(|Y|, α)). For Seq2Seq `inputs` is the source (B, S); for CausalLM the prompt (B, T0)."""
+    eos_id = _eos(model, eos_id)
+    st = _Stepper(model, inputs, 1, max_new_tokens, use_cache, src_mask)
+    B = inputs.shape[0]
+    logp_sum = torch.zeros(B, dtype=torch.float64)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    lengths = [0] * B
+    for _ in range(max_new_tokens):
+        logp = st.logprobs()  # (B, V)
+        best, tok = logp.max(dim=-1)  # (B,), (B,)
+        for b in range(B):
+            if done[b]:
+                continue
+            logp_sum[b] += best[b].item()
+            lengths[b] += 1
+            if tok[b].item() == eos_id:
+                done[b] = True
+            else:
+                out[b].append(tok[b].item())
+        if all(done):
+            break
+        st.advance(torch.arange(B, device=inputs.device), tok)  # finished rows keep going, ignored
+    scores = torch.tensor([logp_sum[b].item() / length_penalty(lengths[b], alpha) for b in range(B)])
+    return out, scores
+
+
+@torch.no_grad()
+def beam_search(model, inputs: torch.Tensor, beam_size: int = 4, max_new_tokens: int = 50,
+                eos_id: int | None = None, alpha: float = 0.6, early_stopping: bool | str = True,
+                use_cache: bool = True, src_mask: torch.Tensor | None = None):
+    """Beam search (see the module docstring). Returns (tokens: B lists of new ids without EOS,
+    scores (B,) = the best hypothesis' log P(Y) / lp(|Y|, α))."""
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if alpha < 0:  # lp would shrink with length, and the early_stopping=False bound would not hold
+        raise ValueError(f"alpha must be >= 0 (GNMT uses 0.6-1.0), got {alpha}")
+    eos_id = _eos(model, eos_id)
+    K, B = beam_size, inputs.shape[0]
+    st = _Stepper(model, inputs, K, max_new_tokens, use_cache, src_mask)
+    # log P of each live beam. Only beam 0 starts alive: the K copies are identical, and letting all
+    # of them expand would fill the beam with K copies of the same candidate.
+    beam_logp = torch.full((B, K), float("-inf"), dtype=torch.float64)
+    beam_logp[:, 0] = 0.0
+    beam_tokens: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]  # (score, tokens), best first
+    done = [False] * B
+    for t in range(1, max_new_tokens + 1):  # t = |Y| of the candidates made in this step
+        logp = st.logprobs().double().view(B, K, -1)  # (B, K, V)
+        V = logp.shape[-1]
+        cand = (beam_logp[..., None] + logp.cpu()).view(B, K * V)  # (B, K·V) log P of every extension
+        # 2K candidates are enough: at most K of them end in EOS, so K live ones always remain
+        top_logp, top_idx = cand.topk(min(2 * K, K * V), dim=-1)  # (B, 2K)
+        rows, toks = [], []
+        for b in range(B):
+            new_beams: list[tuple[float, int, int]] = []  # (log P, old beam, token)
+            for lp_, idx in zip(top_logp[b].tolist(), top_idx[b].tolist()):
+                k, tok = divmod(idx, V)
+                if lp_ == float("-inf") or done[b]:
+                    break
+                if tok == eos_id:
+                    _add(finished[b], lp_ / length_penalty(t, alpha), beam_tokens[b][k], K)
+                else:
+                    new_beams.append((lp_, k, tok))
+                if len(new_beams) == K:
+                    break
+            done[b] = done[b] or _is_done(finished[b], new_beams, K, t, max_new_tokens, alpha, early_stopping)
+            if done[b] or not new_beams:  # keep the rows shaped (B, K): dead rows copy beam 0
+                done[b] = True
+                new_beams = [(float("-inf"), 0, eos_id)] * K
+            # fewer than K live candidates (a tiny vocabulary at the first step): fill with dead copies
+            new_beams += [(float("-inf"), new_beams[0][1], new_beams[0][2])] * (K - len(new_beams))
+            beam_tokens[b] = [beam_tokens[b][k] + [tok] for _, k, tok in new_beams]
+            beam_logp[b] = torch.tensor([lp_ for lp_, _, _ in new_beams], dtype=torch.float64)
+            rows += [b * K + k for _, k, _ in new_beams]
+            toks += [tok for _, _, tok in new_beams]
+        if all(done):
+            break
+        st.advance(torch.tensor(rows, device=inputs.device), torch.tensor(toks, device=inputs.device))
+    for b in range(B):  # max length reached: live beams compete as they stand
+        if not done[b]:
+            for k in range(K):
+                if beam_logp[b, k] > float("-inf"):
+                    L = len(beam_tokens[b][k])
+                    _add(finished[b], beam_logp[b, k].item() / length_penalty(L, alpha), beam_tokens[b][k], K)
+    tokens = [finished[b][0][1] for b in range(B)]
+    scores = torch.tensor([finished[b][0][0] for b in range(B)])
+    return tokens, scores
+
+
+def _add(hyps: list, score: float, tokens: list[int], K: int) -> None:
+    """Insert a finished hypothesis, keeping the K best, best first (ties: the earlier one wins)."""
+    hyps.append((score, list(tokens)))
+    hyps.sort(key=lambda h: -h[0])  # stable: equal scores keep their order
+    del hyps[K:]
+
+
+def _is_done(hyps, live, K, t, max_new_tokens, alpha, early_stopping) -> bool:
+    if not live:  # every candidate ended: nothing left to extend
+        return True
+    if len(hyps) < K or early_stopping == "never":
+        return False
+    if early_stopping:
+        return True
+    # the best any live beam can still reach: log P can only fall, lp can only grow (to lp(max))
+    best_live = max(lp_ for lp_, _, _ in live)
+    reachable = best_live / length_penalty(max_new_tokens if best_live < 0 else t, alpha)
+    return reachable <= hyps[-1][0]
+
+
+def _eos(model, eos_id):
+    if eos_id is None:
+        if not isinstance(model, Seq2Seq):
+            raise ValueError("a CausalLM has no eos id of its own: pass eos_id=")
+        eos_id = model.cfg.eos_id
+    return eos_id
