@@ -9,6 +9,9 @@ both modes do the same work; each case first checks that cached and uncached dec
 the same tokens. Uncached decoding re-runs the whole prefix every token, as nanoGPT's sample.py
 does: the reference the KV cache is measured against (the README's speed targets: ≥ 5× its tokens/s).
 
+`test_decode_past_context` decodes after a full block_size prompt, so every token is past the
+context: nanoGPT's sliding window against the cached re-prefill (minillm/generate/sampling.py).
+
 `test_decode_kv_heads` compares multi-head, grouped-query and multi-query attention at the same
 width (same H, D, C; only H_kv changes) decoding after a long prompt, where reading the KV cache is
 a large part of each step. It records the cache's bytes per token, 2·L·H_kv·D·bytes, beside tokens/s:
@@ -55,6 +58,27 @@ def test_decode(benchmark, mode, B):
     use_cache = mode == "cached"
     benchmark(common.synchronized(lambda: generate(model, idx, NEW, temperature=0.0, use_cache=use_cache)))
     common.record(benchmark, tokens=B * NEW, mode=mode, batch=B, prompt=PROMPT, preset=PRESET)
+
+
+# past the context: every token after a full block_size prompt (sampling.py's cached re-prefill);
+# bench/decode_past_context.py times these cases interleaved in one process and prints the ratios
+PAST = {"uncached": dict(use_cache=False, window_stride=1),  # nanoGPT's sliding window
+        "stride1": dict(window_stride=1),  # the same tokens, minillm's old behaviour
+        "default": dict()}  # re-prefill every block_size // 4 tokens
+PAST_NEW = common.pick(quick=64, full=200)  # tokens past the context: several re-prefill cycles
+
+
+@pytest.mark.parametrize("mode", PAST)
+def test_decode_past_context(benchmark, mode):
+    model = make_model()
+    dev = common.device()
+    T = model.cfg.block_size
+    idx = torch.randint(0, 65, (1, T), generator=torch.Generator().manual_seed(0)).to(dev)
+    # correctness once: stride 1 with the cache picks nanoGPT's tokens
+    ref = generate(model, idx, 8, temperature=0.0, **PAST["uncached"])
+    assert torch.equal(generate(model, idx, 8, temperature=0.0, **PAST["stride1"]), ref)
+    benchmark(common.synchronized(lambda: generate(model, idx, PAST_NEW, temperature=0.0, **PAST[mode])))
+    common.record(benchmark, tokens=PAST_NEW, mode=mode, batch=1, prompt=T, preset=PRESET)
 
 
 @pytest.mark.parametrize("B", BATCHES)

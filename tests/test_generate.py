@@ -17,14 +17,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 TEXT = "the quick brown fox jumps over the lazy dog. THE END!\n"
 
 
-def tiny_model(positional="sinusoidal", block_size=32, vocab_size=40, seed=0, **kw):
+def tiny_model(positional="sinusoidal", block_size=32, vocab_size=40, seed=0, emb_scale=20.0, **kw):
     torch.manual_seed(seed)
     cfg = ModelConfig(**{**dict(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
                                 positional=positional), **kw})
     # a random model's logits are nearly flat; scale the head so greedy decisions are not near-ties
     model = CausalLM(cfg).eval()
     with torch.no_grad():
-        model.transformer.tok_emb.weight.mul_(20)
+        model.transformer.tok_emb.weight.mul_(emb_scale)
     return model
 
 
@@ -46,13 +46,87 @@ def test_cached_equals_uncached(positional, temperature, top_k, top_p):
     assert torch.equal(outs[0], outs[1])
 
 
-def test_past_block_size_window_slides():
+@pytest.mark.parametrize("window_stride", [None, 1, 3, 16])
+def test_past_block_size_cached_equals_uncached(window_stride):
     model = tiny_model(block_size=16)
     idx = prompt(T=10)
-    cached = generate(model, idx, 30, temperature=0.0, use_cache=True)
-    uncached = generate(model, idx, 30, temperature=0.0, use_cache=False)
+    cached = generate(model, idx, 30, temperature=0.0, use_cache=True, window_stride=window_stride)
+    uncached = generate(model, idx, 30, temperature=0.0, use_cache=False, window_stride=window_stride)
     assert cached.shape == (2, 40)
     assert torch.equal(cached, uncached)
+
+
+# --- past block_size: what the model conditions on, written out from the definition ------------
+# These sample at temperature 1 from an unscaled random model: greedy decoding of a random model soon
+# repeats one token forever, and then every context predicts the same thing, whatever the stride.
+
+def context_length(width: int, block_size: int, stride: int) -> int:
+    """How many of the last `width` columns the next token is predicted from (sampling.py's docstring):
+    all of them up to block_size; past it T-K+1, T-K+2, ..., T, then T-K+1 again, every K tokens."""
+    if width <= block_size:
+        return width
+    return block_size - stride + 1 + (width - block_size - 1) % stride
+
+
+@torch.no_grad()
+def reference_sample(model, rows: list[list[int]], max_new_tokens: int, stride: int, seed: int) -> list[list[int]]:
+    """Continue left-padded `rows` without any cache: each step runs the model on each row ALONE, on
+    that row's real tokens among the last context_length(...) columns of the batch, then draws the
+    batch's tokens with one sample_next call (so the generator is used exactly as generate uses it)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [list(r) for r in rows]
+    width = max(len(r) for r in rows)  # columns of the left-padded batch
+    for step in range(max_new_tokens):
+        c = context_length(width + step, model.cfg.block_size, stride)
+        logits = torch.cat([model(torch.tensor([s[-c:]]))[0][:, -1] for s in seqs])  # (B, V)
+        for s, t in zip(seqs, sample_next(logits, 1.0, generator=g).tolist()):
+            s.append(t)
+    return [s[len(r):] for s, r in zip(seqs, rows)]
+
+
+def sampled(model, idx, n, seed, **kw):
+    return generate(model, idx, n, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned", "rotary"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_stride_1_is_nanogpts_sliding_window(positional, use_cache):
+    # the old behaviour, written as nanoGPT's sample loop: always the last block_size tokens
+    model = tiny_model(positional, block_size=16, emb_scale=1.0)
+    idx = prompt(T=10)
+    seq, g = idx.clone(), torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _ in range(30):
+            nxt = sample_next(model(seq[:, -16:])[0][:, -1], 1.0, generator=g)  # (B,)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+    assert torch.equal(sampled(model, idx, 30, 7, use_cache=use_cache, window_stride=1), seq)
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned", "rotary"])
+@pytest.mark.parametrize("window_stride", [None, 2, 5, 16])
+def test_stride_k_conditions_on_the_defined_context(positional, window_stride):
+    model = tiny_model(positional, block_size=16, emb_scale=1.0)
+    idx = prompt(T=10)
+    out = sampled(model, idx, 60, 7, window_stride=window_stride)[:, 10:].tolist()  # 70 tokens > 4 windows
+    assert out == reference_sample(model, idx.tolist(), 60, window_stride or 16 // 4, seed=7)
+    assert out != reference_sample(model, idx.tolist(), 60, 1, seed=7)  # the stride matters here
+
+
+@pytest.mark.parametrize("window_stride", [None, 1, 5])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_batch_past_block_size(window_stride, use_cache):
+    # rows share the batch's columns, so a short row's context is its real tokens among them
+    model = tiny_model("learned", block_size=16, emb_scale=1.0)
+    rows = [prompt(1, T, seed=T)[0].tolist() for T in (3, 9, 6)]
+    idx, mask = left_pad(rows, pad_id=5)
+    out = sampled(model, idx, 50, 7, use_cache=use_cache, key_padding_mask=mask, window_stride=window_stride)
+    assert out[:, 9:].tolist() == reference_sample(model, rows, 50, window_stride or 4, seed=7)
+
+
+@pytest.mark.parametrize("window_stride", [0, 17, 2.0, True])
+def test_window_stride_out_of_range_is_refused(window_stride):
+    with pytest.raises(ValueError, match="window_stride"):
+        generate(tiny_model(block_size=16), prompt(T=4), 2, window_stride=window_stride)
 
 
 def test_long_prompt_is_cropped_to_block_size():

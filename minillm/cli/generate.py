@@ -37,7 +37,7 @@ def cmd_generate(args, overrides: list[str]) -> int:
     rows = [p for p in prompts for _ in range(args.num_samples)]
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              use_cache=not args.no_cache, generator=gen, stop=args.stop)
+              use_cache=not args.no_cache, generator=gen, stop=args.stop, window_stride=args.window_stride)
     t0, n_tokens, counts = time.perf_counter(), 0, []
     if args.batch and len(rows) > 1:
         # all rows in one left-padded batch: faster, printed when done
@@ -66,7 +66,8 @@ def add_parser(sub) -> None:
         description="Continue one or more prompts with a trained causal LM. Greedy when --temperature=0; "
                     "otherwise sampling with temperature, top-k and top-p (nucleus). Uses a KV cache "
                     "unless --no_cache. Prompts longer than the context are cropped to the last "
-                    "block_size tokens; past block_size the window slides (recomputed without cache).",
+                    "block_size tokens; past block_size the context falls back by --window_stride tokens "
+                    "and is re-prefilled into the cache (--window_stride=1: nanoGPT's sliding window).",
         epilog="examples: minillm generate out --prompt='def ' --max_new_tokens=300 --temperature=0.8 "
                "--top_k=200  |  minillm generate out --prompt=ROMEO: --num_samples=3 --seed=7 "
                "--escapes --stop='\\n\\n'  |  --prompt=FILE:prompt.txt reads the prompt from a file. "
@@ -84,6 +85,9 @@ def add_parser(sub) -> None:
                    help="stop a sample when this string appears (repeatable; use --escapes for \\n)")
     p.add_argument("--escapes", action="store_true", help="interpret \\n, \\t in --prompt and --stop")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token")
+    p.add_argument("--window_stride", type=int, default=None,
+                   help="past block_size, re-prefill the last block_size-K+1 tokens every K tokens "
+                        "(default block_size//4; 1 = nanoGPT's exact sliding window, slower)")
     p.add_argument("--batch", action="store_true", help="run all samples as one left-padded batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),

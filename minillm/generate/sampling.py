@@ -18,10 +18,36 @@ sits in the same (last) column, so one forward step extends every row. Pad keys 
 key_padding_mask, and each row's positions start at 0 at its first real token, so a padded row
 computes exactly what it would alone.
 
-Context limit: a prompt longer than block_size is cropped to its last block_size tokens. When
-generation runs past block_size the window slides: each further step re-runs the last block_size
-tokens WITHOUT the cache (positions shift, so cached keys are stale). That is nanoGPT's behaviour,
-just slower than cached decoding; generation never stops early because of the context.
+Context limit: a prompt longer than block_size is cropped to its last block_size tokens. Past
+block_size the model cannot see everything any more, and the KV cache cannot simply keep going: with
+learned or sinusoidal positions there is no position block_size, and dropping the oldest cached key
+would leave every other key at the wrong position (they were computed at positions 0..block_size-1,
+and the next window would number them from 0 again). nanoGPT re-runs the last block_size tokens from
+scratch for EVERY new token: always the fullest context, at the price of a whole forward pass
+(P(T) for T = block_size tokens) per token, where cached decoding costs one position (D).
+
+We re-prefill instead ("cached re-prefill", stride K = `window_stride`): when the cache is full, keep
+the last T-K+1 tokens, run them once into an emptied cache (numbered from position 0), and decode
+K-1 more tokens cached; then the cache is full again and the cycle repeats. Per K tokens:
+
+    nanoGPT sliding window    K · P(T)
+    cached re-prefill         P(T-K+1) + (K-1) · D        per token ≈ P(T-K+1)/K + D
+
+With a compute-bound model P(n) ≈ n·D, so for K = T/4 a token costs about 4D instead of T·D (T = 256:
+~60× less work). A tiny model on a CPU is bound by per-call overhead instead: for the `tiny` preset
+P(64) is only 2-2.5·D, so its gain is capped near P(T)/D, about 2×, whatever K is
+(bench/decode_past_context.py); the larger the model, the closer the gain gets to T/4.
+
+The price is context: right after a re-prefill the model sees T-K+1 tokens, growing back to T
+before the next one, where nanoGPT always sees T. So this is a different function from nanoGPT's
+once generation passes block_size, and an explicit choice: window_stride=1 re-prefills every token
+with the last T tokens, which IS nanoGPT's sliding window (the old behaviour, token for token); the
+default K = block_size // 4 keeps at least 3/4 of the context. The stride defines what the model
+conditions on, and use_cache only changes the cost: uncached decoding runs the same contexts, so
+cached and uncached decoding still pick the same tokens at every stride.
+(A RoPE model could keep its cache and go on to positions past block_size, since attention only
+sees position differences, but only a model trained to extrapolate would make sense of them; we do
+not do that.)
 
     >>> out = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200)
     >>> texts = generate_text(model, tokenizer, ["ROMEO:", "JULIET:"], 100, stream=print_piece)
@@ -112,16 +138,23 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                     generator: torch.Generator | None = None,
-                    key_padding_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+                    key_padding_mask: torch.Tensor | None = None,
+                    window_stride: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), `max_new_tokens` times. Stop early by breaking.
 
     idx (B, T) prompt ids, left-padded when key_padding_mask (B, T) (True = real token) is given.
+    window_stride: K in 1..block_size, how far the context falls back when it is full (see the module
+    docstring): the model then conditions on the last block_size-K+1 .. block_size tokens.
+    1 = nanoGPT's sliding window (always block_size tokens); None = block_size // 4.
     """
     if not getattr(model.cfg, "causal", False):
         raise ValueError("generation needs a causal LM; a masked LM (BERT-style) cannot continue text")
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
     block_size = model.cfg.block_size
+    stride = max(1, block_size // 4) if window_stride is None else window_stride
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= block_size:
+        raise ValueError(f"window_stride must be an int in 1..block_size={block_size}, got {window_stride!r}")
     mask = (torch.ones_like(idx, dtype=torch.bool) if key_padding_mask is None
             else key_padding_mask.to(idx.device, torch.bool))
     if mask.shape != idx.shape:
@@ -141,21 +174,27 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
+        # invariant: idx, mask are exactly the context the model conditions on (what the cache holds)
         cache = model.new_cache(idx.shape[0], block_size) if use_cache else None
         logits = forward(idx, mask, cache, positions_from_mask(mask))  # prefill (or first uncached step)
         for _ in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             yield nxt
-            idx = torch.cat([idx, nxt[:, None]], dim=1)  # (B, T+1)
+            idx = torch.cat([idx, nxt[:, None]], dim=1)  # (B, n+1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            if cache is not None and cache.length < block_size:
+            if idx.shape[1] <= block_size and cache is not None:
                 # decode: one new position per row, continuing that row's count of real tokens
                 pos = mask.long().sum(dim=1, keepdim=True) - 1  # (B, 1)
                 logits = forward(idx[:, -1:], mask, cache, pos)
-            else:
-                # uncached, or past the context: re-run the last block_size tokens from scratch
-                idx, mask = idx[:, -block_size:], mask[:, -block_size:]
-                logits = forward(idx, mask, None, positions_from_mask(mask))
+                continue
+            if idx.shape[1] > block_size:
+                # the context is full: fall back to its last block_size - K + 1 tokens, numbered
+                # from 0 again (each row from its first real token), leaving room for K - 1 decodes
+                idx, mask = idx[:, -(block_size - stride + 1):], mask[:, -(block_size - stride + 1):]
+                if cache is not None:
+                    cache.length = 0  # empty it: the old keys sit at positions that are now wrong
+            # re-prefill into the emptied cache, or (uncached) re-run the whole context
+            logits = forward(idx, mask, cache, positions_from_mask(mask))
     finally:
         model.train(was_training)
 
@@ -163,10 +202,11 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
              generator: torch.Generator | None = None,
-             key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+             key_padding_mask: torch.Tensor | None = None,
+             window_stride: int | None = None) -> torch.Tensor:
     """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens)."""
     new = list(generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache,
-                               generator, key_padding_mask))
+                               generator, key_padding_mask, window_stride))
     if not new:
         return idx
     return torch.cat([idx, torch.stack(new, dim=1).to(idx.device)], dim=1)
@@ -213,7 +253,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tem
                   top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                   generator: torch.Generator | None = None, stop: list[str] | str | None = None,
                   stream: Callable[[int, str], None] | None = None,
-                  token_counts: list[int] | None = None) -> list[str]:
+                  token_counts: list[int] | None = None, window_stride: int | None = None) -> list[str]:
     """Continue each prompt; returns the generated text of each (without the prompt).
 
     stop: strings that end a row's generation (the stop string itself is not returned); the batch
@@ -223,6 +263,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tem
     character of a byte-level tokenizer, is held back until it is decided.
     token_counts: a list that receives how many tokens each row generated (re-encoding the text
     would not tell: a BPE may merge the generated pieces differently).
+    window_stride: how the context falls back past block_size (generate_tokens; 1 = nanoGPT's).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -248,7 +289,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tem
                 emitted[i] = end
 
     for nxt in generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache,
-                               generator, mask):
+                               generator, mask, window_stride):
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
                 new_ids[i].append(t)
