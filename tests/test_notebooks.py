@@ -1,13 +1,13 @@
-"""Execute every course notebook (notebooks/*.ipynb) top to bottom, one test per notebook.
+"""Execute every course notebook (notebooks/*.ipynb) top to bottom and render it, one test per notebook.
 
 The notebooks are stored without outputs; this test is what keeps them from rotting: each one runs
 in a fresh kernel, in a temporary working directory (a notebook must never write into the
 repository), with a per-cell timeout. A cell that raises — including a failed exercise check —
-fails the test and the error names the cell.
+fails the test with one line naming the notebook and the cell.
 
-The kernel is the interpreter running pytest: we ask jupyter_client for ipykernel's own "python3"
-spec, which launches `sys.executable -m ipykernel_launcher`. No `python -m ipykernel install` is
-needed, and a stale `python3` kernelspec in ~/.local/share/jupyter cannot hijack the run.
+Execution and rendering are notebooks/build.py's execute() and render(), the functions that build the
+course site: CI runs each notebook once, and that one run both checks it and renders its HTML page.
+The kernel is the interpreter running pytest (ipykernel's built-in spec; see build.py).
 
     pytest tests/test_notebooks.py -q                 # all of them
     pytest tests/test_notebooks.py -k attention -q    # one
@@ -15,7 +15,7 @@ needed, and a stale `python3` kernelspec in ~/.local/share/jupyter cannot hijack
 
 from __future__ import annotations
 
-import os
+import html
 import sys
 import time
 from pathlib import Path
@@ -23,27 +23,18 @@ from pathlib import Path
 import pytest
 
 nbformat = pytest.importorskip("nbformat", reason="notebook tests need: pip install 'minillm[notebooks]'")
-nbclient = pytest.importorskip("nbclient", reason="notebook tests need: pip install 'minillm[notebooks]'")
+pytest.importorskip("nbclient", reason="notebook tests need: pip install 'minillm[notebooks]'")
+pytest.importorskip("nbconvert", reason="notebook tests need: pip install 'minillm[notebooks]'")
 pytest.importorskip("ipykernel", reason="notebook tests need: pip install 'minillm[notebooks]'")
 
-from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402  (after the importorskips)
-from jupyter_client.manager import KernelManager  # noqa: E402
+from notebooks import build  # noqa: E402  (after the importorskips; the repository root is on sys.path)
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-CELL_TIMEOUT_S = 300  # one cell; the notebooks aim for 30-60 s in total on a 2-core CPU
-
-
-def _kernel_manager() -> KernelManager:
-    """A manager for ipykernel's built-in spec, i.e. this very interpreter (see the docstring)."""
-    specs = KernelSpecManager(kernel_dirs=[])  # no search path: only the native spec is left
-    km = KernelManager(kernel_name="python3", kernel_spec_manager=specs)
-    assert km.kernel_spec.argv[0] == sys.executable, km.kernel_spec.argv
-    return km
+NOTEBOOK_DIR = build.NOTEBOOK_DIR
+NOTEBOOKS = build.notebooks()
 
 
 def test_kernel_is_this_interpreter():
-    km = _kernel_manager()
+    km = build.kernel_manager()
     assert km.kernel_spec.argv[:3] == [sys.executable, "-m", "ipykernel_launcher"]
 
 
@@ -67,21 +58,52 @@ def test_notebook_is_stored_clean(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
-    nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(
-        nb,
-        km=_kernel_manager(),
-        timeout=CELL_TIMEOUT_S,
-        resources={"metadata": {"path": str(tmp_path)}},  # the kernel's working directory
-    )
-    # One BLAS/OpenMP thread: the notebooks use tiny shapes, where a second thread gains little, and
-    # on a shared CI box two spinning threads per process can make a cell 10x slower.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    client.execute(env=env)  # raises CellExecutionError naming the cell and the traceback
+    nb = build.execute(path, tmp_path)  # raises NotebookError naming the notebook and the cell
     elapsed = time.perf_counter() - start
     # a figure in every notebook: plots are the point of the course
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert images, f"{path.name} produced no figure"
-    print(f"{path.name}: {elapsed:.1f} s, {len(images)} figures")
+    # the same run, rendered as the site renders it: the page has the title and its figures inline
+    page = build.render(nb)
+    title, goals = build.title_and_goals(nb)
+    assert f"<title>{html.escape(title, quote=False)}</title>" in page
+    assert goals, f"{path.name}: no goals found under 'you will be able to'"
+    assert page.count("data:image/png;base64,") >= len(images)
+    print(f"{path.name}: {elapsed:.1f} s, {len(images)} figures, {len(page) / 1e6:.1f} MB of HTML")
+
+
+def test_index_lists_chapters_in_order():
+    """The site's front page: every notebook's title, linked to its page, in file-name order."""
+    chapters = [(p, nbformat.read(p, as_version=4), 1.0) for p in NOTEBOOKS]
+    page = build.index_page(chapters)
+    positions = []
+    for path, nb, _ in chapters:
+        title, _ = build.title_and_goals(nb)
+        link = f'<a href="{path.stem}.html">{html.escape(title)}</a>'
+        assert link in page, f"index lacks {link}"
+        positions.append(page.index(link))
+    assert positions == sorted(positions)
+
+
+def _broken_notebook(folder: Path) -> Path:
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("# Broken\n\n**After this notebook you will be able to:**\n- fail"),
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_code_cell("assert x == 2, 'x should be 2\\nand this is a second line'"),
+        nbformat.v4.new_code_cell("print('never runs')"),
+    ])
+    path = folder / "99_broken.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_build_fails_on_a_cell_error_with_one_line(tmp_path, capsys):
+    path = _broken_notebook(tmp_path)
+    status = build.main(["--out", str(tmp_path / "site"), str(path)])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.count("\n") == 1, err  # one line
+    assert "99_broken.ipynb" in err and "cell 3 of 4" in err and "AssertionError: x should be 2" in err
+    assert not (tmp_path / "site" / "index.html").exists()  # no site from a failed build
