@@ -4,6 +4,8 @@ One checkpoint is a folder:
 
     model.safetensors        weights (tied matrices stored once); safetensors never unpickles code
     config.json              {"model": ModelConfig fields, ...anything the writer adds: step, train config}
+                             an encoder–decoder (model/seq2seq.py) adds {"seq2seq": {n_enc_layer, n_dec_layer,
+                             pad_id, bos_id, eos_id, label_smoothing}}: its presence makes load_model build a Seq2Seq
     tokenizer.json           the tokenizer's own JSON (minillm.data.tokenizer)
     train_state.safetensors  only in training checkpoints: optimizer, RNGs, data position (train/state.py)
     manifest.json            written LAST: the size and sha256 of every file above
@@ -44,6 +46,7 @@ from safetensors.torch import save_model as st_save_model
 
 from minillm.files import atomic_write, write_json
 from minillm.model.config import ModelConfig
+from minillm.model.seq2seq import Seq2Seq, Seq2SeqConfig
 from minillm.model.transformer import build_model
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
@@ -200,8 +203,12 @@ def save_model(out_dir: str | Path, model: torch.nn.Module, tokenizer=None, **me
         st_save_model(model, str(tmp))  # tied matrices (and a tied quantized head) are stored once
     if tokenizer is not None:
         write_json(out_dir / TOKENIZER_FILE, tokenizer.to_dict(), indent=None, sort_keys=False)
-    record = {k: v for k, v in meta.items() if k not in ("model", "quantization")}
-    record["model"] = model.cfg.to_dict()
+    record = {k: v for k, v in meta.items() if k not in ("model", "seq2seq", "quantization")}
+    if isinstance(model.cfg, Seq2SeqConfig):  # the shared ModelConfig, then what only an encoder–decoder has
+        record["model"] = model.cfg.model.to_dict()
+        record["seq2seq"] = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k != "model"}
+    else:
+        record["model"] = model.cfg.to_dict()
     quantization = getattr(model, "quant_config", None)  # set by quantize_model
     if quantization is not None:
         record["quantization"] = quantization
@@ -243,23 +250,47 @@ def read_config(path: str | Path) -> dict:
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
-def model_config(meta: dict, file: Path, **overrides) -> ModelConfig:
-    """ModelConfig from config.json's "model", every field's type checked, errors naming the file."""
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    values = {**meta["model"], **overrides}
+def _check_fields(dc, values: dict, file: Path, what: str) -> None:
+    """Every key a field of dataclass `dc`, every value of the field's type; errors naming the file."""
+    fields = {f.name: f for f in dataclasses.fields(dc)}
     for key, value in values.items():
-        if key not in fields:
-            raise CheckpointError(f"{file}: unknown model field {key!r} (written by another program or version?)")
+        if key not in fields or key == "model" and dc is Seq2SeqConfig:
+            raise CheckpointError(f"{file}: unknown {what} field {key!r} (written by another program or version?)")
         kinds = str(fields[key].type).replace(" ", "").split("|")  # e.g. "int", "float|None"
         if value is None and "None" in kinds:
             continue
         ok = [t for k in kinds for t in _TYPES.get(k, (object,))]
         if not isinstance(value, tuple(ok)) or (isinstance(value, bool) and bool not in ok):
-            raise CheckpointError(f"{file}: model field {key}={value!r} should be {fields[key].type}")
+            raise CheckpointError(f"{file}: {what} field {key}={value!r} should be {fields[key].type}")
+
+
+def model_config(meta: dict, file: Path, **overrides) -> ModelConfig:
+    """ModelConfig from config.json's "model", every field's type checked, errors naming the file."""
+    values = {**meta["model"], **overrides}
+    _check_fields(ModelConfig, values, file, "model")
     try:
         return ModelConfig(**values)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{file}: {e}") from None
+
+
+def seq2seq_config(meta: dict, file: Path, **overrides) -> Seq2SeqConfig:
+    """Seq2SeqConfig from config.json's "model" (shared by both sides) and "seq2seq" objects."""
+    s = meta["seq2seq"]
+    if not isinstance(s, dict):
+        raise CheckpointError(f"{file}: \"seq2seq\" should be an object (n_enc_layer, n_dec_layer, pad_id, ...)")
+    _check_fields(Seq2SeqConfig, s, file, "seq2seq")
+    try:
+        return Seq2SeqConfig(model_config(meta, file, **overrides), **s)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def build_from_config(meta: dict, file: Path, **overrides) -> torch.nn.Module:
+    """A fresh model of the kind and shape config.json describes: Seq2Seq if it has "seq2seq"."""
+    if "seq2seq" in meta:
+        return Seq2Seq(seq2seq_config(meta, file, **overrides))
+    return build_model(model_config(meta, file, **overrides))
 
 
 def load_weights(model: torch.nn.Module, file: Path, device: str | torch.device = "cpu") -> None:
@@ -312,7 +343,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", backend: st
     folder = find_checkpoint(path)
     verify(folder)
     meta = read_config(folder)
-    model = build_model(model_config(meta, folder / CONFIG_FILE, **config_overrides))
+    model = build_from_config(meta, folder / CONFIG_FILE, **config_overrides)
     q = meta.get("quantization")
     if q is None:
         load_weights(model, folder / MODEL_FILE, device)
@@ -335,7 +366,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", backend: st
     tokenizer = None
     if (folder / TOKENIZER_FILE).exists():
         tokenizer = load_tokenizer_file(folder / TOKENIZER_FILE)
-        check_vocab(tokenizer, model.cfg, folder)
+        check_vocab(tokenizer, model.cfg.model if isinstance(model, Seq2Seq) else model.cfg, folder)
     return model, tokenizer, meta
 
 

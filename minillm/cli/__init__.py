@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "minillm.cli.train",
     "minillm.cli.checkpoints",
     "minillm.cli.generate",
+    "minillm.cli.translate",
     "minillm.cli.quantize",
     "minillm.cli.prune",
     "minillm.cli.distill",

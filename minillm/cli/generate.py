@@ -25,6 +25,9 @@ def cmd_generate(args, overrides: list[str]) -> int:
     dtype = resolve_dtype(args.dtype, device, allow_cpu_half=True)
     folder = find_checkpoint(args.out_dir)  # a checkpoint folder, or a run's newest complete one
     model, tok, meta = load_model(folder, device=device, **model_changes)
+    if "seq2seq" in meta:
+        raise ValueError(f"{folder} is an encoder–decoder (translation) model; use `minillm translate {args.out_dir} "
+                         "\"...\"`")
     if tok is None:
         raise FileNotFoundError(f"{folder / TOKENIZER_FILE}: missing, so the prompt cannot be encoded")
     if dtype != torch.float32:

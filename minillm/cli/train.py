@@ -5,6 +5,8 @@
     minillm train --n_layer=6 --max_iters=3000 --out_dir=out-big
     minillm train --resume=true --max_iters=4000    continue out/ where it stopped
     minillm eval out                                validation loss and perplexity of a checkpoint
+    minillm train --objective=seq2seq --data=dates  the encoder–decoder on a generated task (train/seq2seq.py)
+    minillm eval out --metric=bleu,rouge --beam=4   BLEU/ROUGE of a Seq2Seq checkpoint on its held-out split
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from minillm.data.dataset import load_text, prepare_dataset, split_text
 from minillm.generate.sampling import generate_text
 from minillm.hardware import resolve_device
 from minillm.train import RECIPES, TrainConfig, TrainingDiverged, TrainingInterrupted, evaluate, train
+from minillm.train.seq2seq import train_seq2seq
 from minillm.train.state import resume_configs, saved_train_config
 
 SAMPLE_PROMPT = "\n"
@@ -44,13 +47,16 @@ def build_configs(preset: str, data: str | None, overrides: list[str]) -> tuple[
     if recipe is not None:
         model_cfg = ModelConfig.from_preset(recipe["preset"], **{**recipe["model"], **model_changes})
         train_cfg = TrainConfig(**{**recipe["train"], **train_changes})
-        return model_cfg, train_cfg, data or recipe["data"]
+        seq2seq = train_cfg.objective == "seq2seq"  # parallel text, not a corpus: its own default data
+        return model_cfg, train_cfg, data or ("dates" if seq2seq else recipe["data"])
     return ModelConfig.from_preset(preset, **model_changes), TrainConfig(**train_changes), data or "python-docs"
 
 
 def cmd_train(args, overrides: list[str]) -> int:
     """Train a model and save checkpoints, metrics and a loss plot to out_dir."""
     model_cfg, train_cfg, data = build_configs(args.preset, args.data, overrides)
+    if train_cfg.objective == "seq2seq":
+        return _train_seq2seq(model_cfg, train_cfg, data, args.sample_tokens > 0)
     try:
         result = train(model_cfg, train_cfg, data)
     except TrainingDiverged as e:
@@ -85,6 +91,26 @@ def cmd_train(args, overrides: list[str]) -> int:
     return 0
 
 
+def _train_seq2seq(model_cfg, train_cfg, data: str, show_examples: bool) -> int:
+    from minillm.generate.beam import translate
+
+    try:
+        result = train_seq2seq(model_cfg, train_cfg, data)
+    except TrainingDiverged as e:
+        print(f"minillm train: {e}", file=sys.stderr)
+        return 1
+    out = result["out_dir"]
+    print(f"done: {result['step']} steps, val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}), "
+          f"{result['ms_per_iter']:.1f} ms/iter on {result['device']}; checkpoint and metrics.jsonl in {out}/")
+    if show_examples:
+        pairs = result["val_pairs"][:3]
+        print("--- held-out examples (greedy) ---")
+        for (src, ref), hyp in zip(pairs, translate(result["model"], result["tokenizer"], [s for s, _ in pairs])):
+            print(f"{src}  ->  {hyp}   (reference: {ref})")
+        print(f"--- more: minillm translate {out} \"...\" --beam=4 | minillm eval {out} --metric=bleu --beam=4 ---")
+    return 0
+
+
 def _encodable(tok, text: str) -> bool:
     try:
         tok.encode(text)
@@ -101,6 +127,10 @@ def cmd_eval(args, overrides: list[str]) -> int:
     model, tok, meta = load_model(folder, device=device, **model_changes)
     if tok is None:
         raise FileNotFoundError(f"{folder / TOKENIZER_FILE}: missing, so evaluation text cannot be encoded")
+    if "seq2seq" in meta or args.metric is not None:
+        return _eval_translation(args, model, tok, meta, train_changes)
+    if args.split == "test":
+        raise ValueError("--split=test is for translation checkpoints; a language model has train and val")
     tc = saved_train_config(meta, folder / CONFIG_FILE, **train_changes)
     source = args.data or meta.get("data", "python-docs")
     ds = prepare_dataset(source, tokenizer=tc.tokenizer,
@@ -122,11 +152,44 @@ def cmd_eval(args, overrides: list[str]) -> int:
     return 0
 
 
+def _eval_translation(args, model, tok, meta: dict, train_changes: dict) -> int:
+    """BLEU/ROUGE of a Seq2Seq on a held-out split, decoded greedily or by beam search."""
+    import time
+
+    from minillm.data.translation import translation_pairs
+    from minillm.evaluate.translation import BLEU_SIGNATURE, parse_metrics, score_translations
+    from minillm.generate.beam import translate
+
+    metrics = parse_metrics(args.metric or "bleu")
+    if "seq2seq" not in meta:
+        raise ValueError(f"--metric={args.metric} scores translations; {args.out_dir} is a language model "
+                         "(train one with --objective=seq2seq)")
+    if args.beam < 1:
+        raise ValueError(f"--beam must be >= 1 (1 = greedy), got {args.beam}")
+    source = args.data or meta.get("data", "dates")
+    pairs = translation_pairs(source, args.split, train_changes.get("cache_dir", meta.get("train", {}).get("cache_dir")),
+                              n=args.max_sentences)
+    t0 = time.perf_counter()
+    hyps = translate(model, tok, [s for s, _ in pairs], beam_size=args.beam, alpha=args.length_penalty)
+    seconds = time.perf_counter() - t0
+    scores = score_translations(hyps, [t for _, t in pairs], metrics)
+    how = "greedy" if args.beam == 1 else f"beam {args.beam}, length penalty {args.length_penalty}"
+    print(f"{source} {args.split}: {len(pairs):,} sentences, {how}, {seconds:.1f} s "
+          f"(step {meta.get('step', '?')})")
+    if "bleu" in metrics:
+        p = "/".join(f"{scores[f'bleu_p{n}']:.1f}" for n in range(1, 5))
+        print(f"BLEU = {scores['bleu']:.2f} {p} (BP = {scores['bleu_bp']:.3f})  {BLEU_SIGNATURE}")
+    if "rouge" in metrics:
+        print(f"ROUGE F1: rouge1 {scores['rouge1']:.2f}, rouge2 {scores['rouge2']:.2f}, rougeL {scores['rougeL']:.2f}")
+    return 0
+
+
 def add_parser(sub) -> None:
     choices = sorted(PRESETS) + sorted(RECIPES)
     p = sub.add_parser(
         "train", help="train a model (default: tiny char GPT on python-docs, a few CPU minutes)",
-        description="Train a GPT (objective=clm) or BERT-style (objective=mlm) model, evaluating every "
+        description="Train a GPT (objective=clm), BERT-style (objective=mlm) or encoder–decoder translation "
+                    "(objective=seq2seq, data: dates | multi30k | SRC_FILE,TGT_FILE) model, evaluating every "
                     "eval_interval steps and saving a checkpoint, metrics.jsonl and loss.png to out_dir. "
                     "Every ModelConfig and TrainConfig field can be set with --key=value. "
                     "Run with torchrun for several processes/GPUs.",
@@ -141,7 +204,8 @@ def add_parser(sub) -> None:
                    help="model preset or training recipe (default: python-docs-char, the tiny preset with "
                         f"sinusoidal positions on python-docs): {', '.join(choices)}")
     p.add_argument("--data", default=None,
-                   help="python-docs (default, offline), shakespeare (downloaded once), or a .txt file/folder")
+                   help="python-docs (default, offline), shakespeare (downloaded once), or a .txt file/folder; "
+                        "with --objective=seq2seq: dates (default, offline), multi30k, or SRC_FILE,TGT_FILE")
     p.add_argument("--sample_tokens", type=int, default=300,
                    help="tokens of text to sample from the trained model at the end (0: none)")
     p.set_defaults(func=cmd_train)
@@ -154,5 +218,11 @@ def add_parser(sub) -> None:
     )
     e.add_argument("out_dir", help="checkpoint folder written by minillm train")
     e.add_argument("--data", default=None, help="evaluate on this source instead of the training data")
-    e.add_argument("--split", default="val", choices=("val", "train"), help="which split (default: val)")
+    e.add_argument("--split", default="val", choices=("val", "train", "test"),
+                   help="which split (default: val; test = Multi30k's test2016 for a translation checkpoint)")
+    e.add_argument("--metric", default=None,
+                   help="translation checkpoints: comma-separated bleu,rouge (default: bleu)")
+    e.add_argument("--beam", type=int, default=1, help="translation: beam size (1 = greedy, the default)")
+    e.add_argument("--length_penalty", type=float, default=0.6, help="translation: GNMT's alpha (default 0.6)")
+    e.add_argument("--max_sentences", type=int, default=None, help="translation: score only the first N pairs")
     e.set_defaults(func=cmd_eval)

@@ -129,6 +129,36 @@ def multi30k(split: str = "train", src_lang: str = "de", tgt_lang: str = "en",
                          multi30k_file(f"{stem}.{tgt_lang}.gz", cache_dir))
 
 
+# --- one name for each source, one held-out split -----------------------------------------------
+
+DATES_SIZES = {"train": 20_000, "val": 500, "test": 500}  # generated: as many as asked, different seeds
+HELD_OUT_FRACTION = 0.05  # two user files: the last 5% of the lines are the held-out split
+
+
+def translation_pairs(source: str, split: str = "train", cache_dir: str | Path | None = None,
+                      n: int | None = None) -> list[tuple[str, str]]:
+    """Pairs of one split of a named source, the same every call (training and `minillm eval` agree):
+        "dates"               date_pairs, seed 0/1/2 for train/val/test (n overrides the size)
+        "multi30k"            de -> en; test = test2016
+        "SRC_FILE,TGT_FILE"   load_parallel; the last 5% of lines are "val" (and "test"), the rest "train"
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}; choose train, val or test")
+    if source == "dates":
+        return date_pairs(n or DATES_SIZES[split], seed=("train", "val", "test").index(split))
+    if source == "multi30k":
+        pairs = multi30k(split, cache_dir=cache_dir)
+    elif source.count(",") == 1:
+        pairs = load_parallel(*source.split(","))
+        held = max(1, int(len(pairs) * HELD_OUT_FRACTION))
+        if len(pairs) < 2:
+            raise ValueError(f"{source}: {len(pairs)} pair(s); need at least 2 (one to train, one held out)")
+        pairs = pairs[:-held] if split == "train" else pairs[-held:]
+    else:
+        raise ValueError(f"unknown translation data {source!r}: use dates, multi30k or SRC_FILE,TGT_FILE")
+    return pairs[:n] if n else pairs
+
+
 # --- batches ---------------------------------------------------------------------------------------
 
 def collate(pairs_ids: list[tuple[list[int], list[int]]], pad_id: int, bos_id: int, eos_id: int):

@@ -31,6 +31,7 @@ beams *within* an example) leaves them unchanged and they are never copied again
 
     >>> tokens, scores = beam_search(model, src, beam_size=4, max_new_tokens=50, alpha=0.6)
     >>> tokens, scores = greedy_search(model, src, max_new_tokens=50)
+    >>> translate(model, tokenizer, ["ein Hund läuft"], beam_size=4)   # text in, text out
 """
 
 from __future__ import annotations
@@ -214,3 +215,36 @@ def _eos(model, eos_id):
             raise ValueError("a CausalLM has no eos id of its own: pass eos_id=")
         eos_id = model.cfg.eos_id
     return eos_id
+
+
+@torch.no_grad()
+def translate(model: Seq2Seq, tokenizer, sentences: list[str], beam_size: int = 1, alpha: float = 0.6,
+              max_new_tokens: int | None = None, batch_size: int = 32) -> list[str]:
+    """Sentences in, translations out: encode with the shared tokenizer (cut to block_size), decode
+    greedily (beam_size=1) or by beam search with length penalty α, and turn ids back into text.
+    Sentences are batched by source length, so little of each batch is padding."""
+    if beam_size < 1:
+        raise ValueError(f"beam size must be >= 1, got {beam_size}")
+    cfg, T = model.cfg, model.cfg.model.block_size
+    max_new = min(max_new_tokens or T - 1, T - 1)  # the decoder holds BOS + at most T-1 tokens
+    device = next(model.parameters()).device
+    specials = set(tokenizer.special_tokens.values())
+    ids = [tokenizer.encode(s, allowed_special=())[:T] for s in sentences]
+    for s, x in zip(sentences, ids):
+        if not x:
+            raise ValueError(f"cannot translate an empty sentence ({s!r})")
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[str] = [""] * len(ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        src = torch.full((len(chunk), max(len(ids[i]) for i in chunk)), cfg.pad_id, dtype=torch.long)  # (B, S)
+        for row, i in enumerate(chunk):
+            src[row, :len(ids[i])] = torch.tensor(ids[i])
+        src = src.to(device)
+        if beam_size == 1:
+            tokens, _ = greedy_search(model, src, max_new)
+        else:
+            tokens, _ = beam_search(model, src, beam_size, max_new, alpha=alpha)
+        for row, i in enumerate(chunk):
+            out[i] = tokenizer.decode([t for t in tokens[row] if t not in specials])
+    return out

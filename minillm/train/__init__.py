@@ -7,6 +7,8 @@ Read in this order:
     metrics.py    what a run reports: metrics.jsonl, the loss plot, MFU
     state.py      the train state that makes resume exact, and `resume` itself
     loop.py       `train()`: the loop, with timing, evaluation and checkpointing as named steps
+    seq2seq.py    `train_seq2seq()`: the encoder–decoder on parallel text (objective="seq2seq"),
+                  a compact loop reusing the same checkpointing, metrics and optimizer
 """
 
 from minillm.train.config import RECIPES, TrainConfig, TrainingDiverged, TrainingInterrupted

@@ -1,0 +1,168 @@
+"""Training the encoder–decoder (model/seq2seq.py) on parallel text: the paper's recipe, compactly.
+
+One optimizer step is
+    sample batch_size pairs -> collate: src (B, S), tgt_in = [BOS y], tgt_out = [y EOS]
+    loss = label-smoothed cross-entropy (ε = Seq2SeqConfig.label_smoothing, 0.1 as in §5.4)
+    clip the gradient norm;  lr = the paper's schedule (§5.3);  AdamW step
+Every `eval_interval` steps the loss on fixed train/val pairs is logged to metrics.jsonl and a
+checkpoint is written through the ONE format (checkpoint.py: begin_checkpoint, save_model with a
+"seq2seq" section, prune_checkpoints). BLEU is measured afterwards by `minillm eval`, which decodes.
+
+The schedule keeps the paper's shape, lr ∝ min(step^-0.5, step·warmup^-1.5), i.e. a linear warm-up
+then decay as 1/√step, but scales it so that its peak (at step = warmup) is `learning_rate` instead
+of (d_model·warmup)^-0.5: the paper's 4000-step warm-up does not fit a run of a few thousand steps.
+
+One vocabulary for both languages (§3.4): a char tokenizer ("dates": 30-odd symbols) or a byte-level
+BPE trained on source and target text together, each with <pad>, <bos>, <eos>. Sentences longer
+than block_size tokens (the decoder: block_size - 1, leaving room for BOS/EOS) are cut and counted.
+
+Not yet: resuming (resume=true), DDP, gradient accumulation, torch.compile.
+
+    minillm train --objective=seq2seq                   the offline date task, a few CPU minutes
+    minillm train --objective=seq2seq --data=multi30k --tokenizer=bpe --vocab_size=8000
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from minillm.checkpoint import CHECKPOINTS_DIR, begin_checkpoint, prune_checkpoints, save_model
+from minillm.data.tokenizer import BPETokenizer, CharTokenizer
+from minillm.data.translation import SPECIALS, collate, translation_pairs
+from minillm.hardware import resolve_device
+from minillm.model.config import ModelConfig
+from minillm.model.seq2seq import Seq2Seq, Seq2SeqConfig
+from minillm.model.transformer import count_parameters
+from minillm.train.config import TrainConfig, TrainingDiverged
+from minillm.train.loop import check_out_dir
+from minillm.train.metrics import MetricsLog
+from minillm.train.optim import clip_grad_norm, make_optimizer, set_lr
+
+
+def seq2seq_lr(step: int, peak: float, warmup: int) -> float:
+    """The paper's warm-up then 1/√step decay, peaking at `peak` on step `warmup` (steps from 1)."""
+    step, warmup = max(step, 1), max(warmup, 1)
+    return peak * min(step / warmup, math.sqrt(warmup / step))
+
+
+def make_tokenizer(pairs: list[tuple[str, str]], tc: TrainConfig):
+    """One vocabulary for source and target, with <pad>, <bos>, <eos> (ids: tokenizer.special_tokens)."""
+    text = "\n".join(s + "\n" + t for s, t in pairs)
+    if tc.tokenizer == "char":
+        return CharTokenizer.from_text(text, special_tokens=SPECIALS)
+    return BPETokenizer.train(text, tc.vocab_size, special_tokens=SPECIALS)
+
+
+def encode_pairs(tok, pairs, block_size: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Token ids of every pair, cut to fit: source ≤ block_size, target ≤ block_size - 1 (BOS/EOS).
+    Returns (ids, how many pairs had to be cut)."""
+    out, cut = [], 0
+    for s, t in pairs:
+        s_ids, t_ids = tok.encode(s, allowed_special=()), tok.encode(t, allowed_special=())
+        if len(s_ids) > block_size or len(t_ids) > block_size - 1:
+            cut += 1
+        out.append((s_ids[:block_size], t_ids[:block_size - 1]))
+    return out, cut
+
+
+@torch.no_grad()
+def seq2seq_loss(model: Seq2Seq, ids, batch_size: int, device) -> float:
+    """Mean label-smoothed loss over all of `ids` (fixed pairs: comparable from one eval to the next)."""
+    cfg, was_training = model.cfg, model.training
+    model.eval()
+    total, n_tok = 0.0, 0
+    for i in range(0, len(ids), batch_size):
+        src, tgt_in, tgt_out = (x.to(device) for x in collate(ids[i:i + batch_size], cfg.pad_id, cfg.bos_id, cfg.eos_id))
+        _, loss = model(src, tgt_in, tgt_out)
+        n = int((tgt_out != cfg.pad_id).sum())
+        total, n_tok = total + loss.item() * n, n_tok + n  # the loss is a per-token mean: weight by tokens
+    model.train(was_training)
+    return total / max(n_tok, 1)
+
+
+def train_seq2seq(model_cfg: ModelConfig, tc: TrainConfig, data_source: str = "dates", progress: bool = True) -> dict:
+    """Train a Seq2Seq (n_layer encoder and n_layer decoder blocks) on `data_source`; see the docstring."""
+    say = print if progress else (lambda *a, **k: None)
+    if tc.resume:
+        raise ValueError("resume=true is not supported for objective=seq2seq yet; start afresh with --overwrite=true")
+    check_out_dir(tc)
+    device = resolve_device(tc.device)
+    train_pairs = translation_pairs(data_source, "train", tc.cache_dir)
+    val_pairs = translation_pairs(data_source, "val", tc.cache_dir)
+    # a char vocabulary must also cover the held-out text (no learning from it: only its alphabet)
+    tok = make_tokenizer(train_pairs + (val_pairs if tc.tokenizer == "char" else []), tc)
+    T = model_cfg.block_size
+    train_ids, cut = encode_pairs(tok, train_pairs, T)
+    val_ids, val_cut = encode_pairs(tok, val_pairs, T)
+    say(f"{data_source}: {len(train_ids):,} training pairs, {len(val_ids):,} held out; vocabulary {tok.vocab_size} "
+        f"({tc.tokenizer}); {cut + val_cut} pairs longer than block_size={T} were truncated")
+
+    pad, bos, eos = (tok.special_tokens[s] for s in SPECIALS)
+    cfg = Seq2SeqConfig(dataclasses.replace(model_cfg, vocab_size=tok.vocab_size, sliding_window=None),
+                        n_enc_layer=model_cfg.n_layer, n_dec_layer=model_cfg.n_layer, pad_id=pad, bos_id=bos,
+                        eos_id=eos)
+    torch.manual_seed(tc.seed)
+    model = Seq2Seq(cfg).to(device)
+    optimizer = make_optimizer(model, tc.learning_rate, tc.weight_decay, (tc.beta1, tc.beta2), device.type,
+                               readable=not tc.builtin_ops)
+    if tc.overwrite:  # only now, with data and model ready: a bad --data loses nothing
+        shutil.rmtree(Path(tc.out_dir) / CHECKPOINTS_DIR, ignore_errors=True)
+    log = MetricsLog(tc.out_dir)
+    n_params = count_parameters(model)
+    meta = dict(train=dataclasses.asdict(tc), data=str(data_source), n_params=n_params)
+    say(f"Seq2Seq {cfg.n_enc_layer}+{cfg.n_dec_layer} layers, C={cfg.model.n_embd}: {n_params / 1e6:.2f}M "
+        f"parameters on {device}")
+
+    gen = torch.Generator().manual_seed(tc.seed)
+    n_eval = tc.eval_iters * tc.batch_size  # fixed pairs for the train/val loss
+    eval_train, eval_val = train_ids[:n_eval], val_ids[:n_eval]
+    best, val_loss, train_s, steps_timed, t0 = math.inf, math.inf, 0.0, 0, time.perf_counter()
+    model.train()
+    for step in range(tc.max_iters + 1):
+        if step % tc.eval_interval == 0 or step == tc.max_iters:
+            train_s += time.perf_counter() - t0
+            val_loss = seq2seq_loss(model, eval_val, tc.batch_size, device)
+            ev = {"step": step, "train_loss": seq2seq_loss(model, eval_train, tc.batch_size, device),
+                  "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+            if not math.isfinite(val_loss):
+                raise TrainingDiverged(f"validation loss is {val_loss} at step {step}; the last good checkpoint "
+                                       f"in {tc.out_dir} is kept")
+            log.write(ev)
+            say(f"step {step}: train loss {ev['train_loss']:.4f}, val loss {val_loss:.4f}")
+            if step > 0 and (val_loss < best or tc.always_save_checkpoint):
+                # the manifest, written last by save_model, commits the folder; then the old one goes
+                folder = begin_checkpoint(tc.out_dir, step)
+                save_model(folder, model, tok, step=step, best_val_loss=min(best, val_loss), **meta)
+                prune_checkpoints(tc.out_dir, keep=folder)
+            best = min(best, val_loss)
+            log.plot(f"Seq2Seq {cfg.n_enc_layer}+{cfg.n_dec_layer}L/{cfg.model.n_embd} on {data_source}")
+            t0 = time.perf_counter()
+        if step == tc.max_iters:
+            break
+        idx = torch.randint(len(train_ids), (tc.batch_size,), generator=gen).tolist()
+        src, tgt_in, tgt_out = (x.to(device) for x in collate([train_ids[i] for i in idx], pad, bos, eos))
+        lr = seq2seq_lr(step + 1, tc.learning_rate, tc.warmup_iters)
+        set_lr(optimizer, lr)
+        _, loss = model(src, tgt_in, tgt_out)
+        loss.backward()
+        if tc.grad_clip > 0:
+            clip_grad_norm(model, tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps_timed += 1
+        if step % tc.log_interval == 0:
+            loss_f = loss.item()
+            if not math.isfinite(loss_f):
+                raise TrainingDiverged(f"training loss is {loss_f} at step {step}; the last good checkpoint in "
+                                       f"{tc.out_dir} is kept")
+            log.write({"step": step, "loss": loss_f, "lr": lr})
+    train_s += time.perf_counter() - t0
+    return dict(step=tc.max_iters, val_loss=val_loss, best_val_loss=best, device=str(device), out_dir=tc.out_dir,
+                ms_per_iter=1000 * train_s / max(steps_timed, 1), model=model.eval(), tokenizer=tok,
+                val_pairs=val_pairs, rank=0)
