@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from minillm.cli.options import reject_unknown
 from minillm.checkpoint import CONFIG_FILE, is_complete, latest_checkpoint, step_folders, verify
 
 
 def cmd_checkpoints(args, overrides: list[str]) -> int:
     """List a run's checkpoints, newest first; exit 0 when one is complete (resume would use it)."""
-    if overrides:
-        raise ValueError(f"unknown option(s) {' '.join(overrides)} for minillm checkpoints; see --help")
+    reject_unknown(args, overrides, "checkpoints")
     out = Path(args.out_dir)
     if not out.exists():
         raise FileNotFoundError(f"{out} does not exist")

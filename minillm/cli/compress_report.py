@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 from minillm.compress.report import format_table, measure, plot_pareto
+from minillm.cli.options import reject_unknown
 from minillm.hardware import resolve_device
 
 
 def cmd_report(args, overrides: list[str]) -> int:
     """Parameters, bytes on disk, validation perplexity and tokens/s of each checkpoint, on this machine."""
-    if overrides:
-        raise ValueError(f"unknown option {overrides[0].split('=')[0]} for compress report")
+    reject_unknown(args, overrides, "compress report")
     device = resolve_device(args.device or "auto")
     rows = measure(args.checkpoints, args.data, tuple(args.batch_sizes), args.gen_tokens, args.eval_iters, device,
                    args.seed, rounds=args.rounds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from minillm.cli.options import reject_unknown
 from minillm.data.corpora import CORPORA
 from minillm.data.dataset import DEFAULT_BPE_VOCAB, prepare_dataset
 from minillm.data.tokenizer import SPLIT_PATTERNS, BPETokenizer
@@ -64,8 +65,7 @@ def _show(tokenizer, ids) -> str:
 
 def cmd_data(args, overrides: list[str]) -> int:
     """Prepare a dataset and print characters, tokens, vocabulary, compression and cache location."""
-    if overrides:
-        raise ValueError(f"unknown option(s) {' '.join(overrides)} for minillm data; see --help")
+    reject_unknown(args, overrides, "data")
     if args.source and args.data and args.source != args.data:
         raise ValueError(f"two data sources given: {args.source!r} and --data={args.data!r}")
     source = args.source or args.data or "python-docs"

@@ -7,21 +7,17 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 from minillm.compress.jobs import prune_checkpoint
 from minillm.compress.prune import METHODS
+from minillm.cli.options import reject_unknown
 from minillm.hardware import resolve_device
 
 
 def cmd_prune(args, overrides: list[str]) -> int:
     """Prune a checkpoint's block weights (zeros) or whole heads/neurons (a smaller model) and report the cost."""
-    for arg in overrides:  # argparse passes on what it did not know: name it, and the close matches
-        key = arg[2:].split("=", 1)[0].replace("-", "_")
-        close = difflib.get_close_matches(key, [k for k in vars(args) if k not in ("func", "command")], n=2)
-        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-        raise ValueError(f"unknown option --{key} for prune{hint}")
+    reject_unknown(args, overrides, "prune")
     if args.out is None:
         raise ValueError("--out=OUT_DIR is required: where to write the pruned checkpoint")
     if Path(args.out).resolve() == Path(args.checkpoint).resolve():

@@ -6,21 +6,17 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 from minillm.compress.quant import BACKENDS, GROUP_SIZES, SCHEMES
 from minillm.compress.quantize import quantize_checkpoint
+from minillm.cli.options import reject_unknown
 from minillm.hardware import resolve_device
 
 
 def cmd_quantize(args, overrides: list[str]) -> int:
     """Quantize a trained checkpoint's linear layers to int8 or int4 and report what it costs and gains."""
-    for arg in overrides:  # argparse passes on what it did not know: name it, and the close matches
-        key = arg[2:].split("=", 1)[0].replace("-", "_")
-        close = difflib.get_close_matches(key, [k for k in vars(args) if k not in ("func", "command")], n=2)
-        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-        raise ValueError(f"unknown option --{key} for quantize{hint}")
+    reject_unknown(args, overrides, "quantize")
     if args.out is None:
         raise ValueError("--out=OUT_DIR is required: where to write the quantized checkpoint")
     if Path(args.out).resolve() == Path(args.checkpoint).resolve():
