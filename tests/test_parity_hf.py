@@ -258,3 +258,68 @@ def test_bf16_weights_load_into_an_fp32_model(tmp_path):
     idx = torch.randint(0, 97, (1, 13), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert_close(ours(idx)[0], hf.float()(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+def small_bert_config():
+    return transformers.BertConfig(vocab_size=99, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=96, max_position_embeddings=64,
+                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def test_bert_pretraining_mlm_and_nsp_logits_and_loss_match():
+    torch.manual_seed(0)
+    hf = transformers.BertForPreTraining(small_bert_config()).eval()
+    ours = bert_from_state_dict(hf.state_dict(), bert_config(hf.config.to_dict())).eval()
+    assert ours.cfg.nsp_head  # the pooler and the NSP head came with the weights
+    idx = torch.randint(0, 99, (3, 20))
+    types = torch.zeros_like(idx)
+    types[:, 9:] = 1
+    mask = torch.ones_like(idx)
+    mask[2, 15:] = 0
+    labels = torch.full_like(idx, -100)
+    labels[:, 3] = idx[:, 3]
+    labels[1, 12] = idx[1, 12]
+    nsp = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        ref = hf(input_ids=idx, token_type_ids=types, attention_mask=mask, labels=labels, next_sentence_label=nsp)
+        mlm, nsp_logits = ours.pretraining_logits(idx, token_type_ids=types, attention_mask=mask)
+        _, loss = ours(idx, labels, token_type_ids=types, attention_mask=mask, next_sentence_labels=nsp)
+    real = mask.bool()
+    assert_close(mlm[real], ref.prediction_logits[real], atol=1e-5, rtol=1e-5)
+    assert_close(nsp_logits, ref.seq_relationship_logits, atol=1e-5, rtol=1e-5)
+    assert_close(loss, ref.loss, atol=1e-5, rtol=1e-5)  # L_MLM + L_NSP, the same sum
+
+
+def test_bert_sequence_classifier_matches_hf():
+    from minillm.model.heads import SequenceClassifier
+
+    torch.manual_seed(0)
+    cfg = small_bert_config()
+    cfg.num_labels = 3
+    hf = transformers.BertForSequenceClassification(cfg).eval()
+    sd = hf.state_dict()
+    # the trunk maps as for pre-training; the pooler and classifier by name
+    trunk = bert_from_state_dict({**sd, **{f"cls.predictions.{k}": v for k, v in _dummy_mlm_head(cfg).items()}},
+                                 bert_config(hf.config.to_dict()))
+    clf = SequenceClassifier(trunk.cfg, labels=["a", "b", "c"], pooling="cls")
+    clf.transformer.load_state_dict(trunk.transformer.state_dict())
+    clf.pooler.dense.load_state_dict({"weight": sd["bert.pooler.dense.weight"], "bias": sd["bert.pooler.dense.bias"]})
+    clf.head.load_state_dict({"weight": sd["classifier.weight"], "bias": sd["classifier.bias"]})
+    clf.eval()
+    idx = torch.randint(0, 99, (2, 12))
+    mask = torch.ones_like(idx)
+    mask[0, 7:] = 0
+    y = torch.tensor([2, 0])
+    with torch.no_grad():
+        ref = hf(input_ids=idx, attention_mask=mask, labels=y)
+        logits, loss = clf(idx, y, attention_mask=mask)
+    assert_close(logits, ref.logits, atol=1e-5, rtol=1e-5)
+    assert_close(loss, ref.loss, atol=1e-5, rtol=1e-5)
+
+
+def _dummy_mlm_head(cfg):
+    """BertForSequenceClassification has no MLM head; the loader wants one, so give it zeros."""
+    C, V = cfg.hidden_size, cfg.vocab_size
+    return {"transform.dense.weight": torch.zeros(C, C), "transform.dense.bias": torch.zeros(C),
+            "transform.LayerNorm.weight": torch.ones(C), "transform.LayerNorm.bias": torch.zeros(C),
+            "bias": torch.zeros(V)}

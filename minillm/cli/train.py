@@ -41,8 +41,12 @@ def build_configs(preset: str, data: str | None, overrides: list[str]) -> tuple[
         out_dir = train_changes.get("out_dir", TrainConfig.out_dir)
         model_cfg, train_cfg, recorded = resume_configs(out_dir, model_changes, train_changes)
         return model_cfg, train_cfg, data or recorded
-    if train_changes.get("objective", "clm") == "mlm" and "causal" not in model_changes:
+    objective = train_changes.get("objective", "clm")
+    if objective in ("mlm", "mlm+nsp") and "causal" not in model_changes:
         model_changes["causal"] = False  # a masked LM looks both ways
+    if objective == "mlm+nsp":  # BERT's pre-training: segment embeddings for A/B and the NSP head
+        model_changes.setdefault("n_token_types", 2)
+        model_changes.setdefault("nsp_head", True)
     recipe = RECIPES.get(preset)
     if recipe is not None:
         model_cfg = ModelConfig.from_preset(recipe["preset"], **{**recipe["model"], **model_changes})
@@ -141,11 +145,13 @@ def cmd_eval(args, overrides: list[str]) -> int:
         # other text than the model was trained on: encode it with the model's own tokenizer
         train_text, val_text = split_text(load_text(source, cache_dir=tc.cache_dir))
         tokens = torch.tensor(tok.encode(val_text if args.split == "val" else train_text))
-    objective = "clm" if model.cfg.causal else "mlm"
+    objective = "clm" if model.cfg.causal else ("mlm+nsp" if model.cfg.nsp_head else "mlm")
     r = evaluate(model, tokens, tc.batch_size, model.cfg.block_size, tc.eval_iters, device,
                  torch.Generator().manual_seed(tc.seed + 1), tok, objective)
     n_tok = tc.eval_iters * tc.batch_size * model.cfg.block_size
     acc = f", masked-token accuracy {r['acc']:.1%}" if "acc" in r else ""
+    if "nsp_acc" in r:
+        acc += f", next-sentence accuracy {r['nsp_acc']:.1%} (MLM loss {r['mlm_loss']:.4f} + NSP loss {r['nsp_loss']:.4f})"
     print(f"{args.split} loss {r['loss']:.4f}, perplexity {r['ppl']:.2f}{acc} "
           f"({tc.eval_iters} batches, {n_tok:,} tokens of {source}; step {meta.get('step', '?')}, "
           f"{math.log(tok.vocab_size):.2f} = uniform guess)")
@@ -188,7 +194,8 @@ def add_parser(sub) -> None:
     choices = sorted(PRESETS) + sorted(RECIPES)
     p = sub.add_parser(
         "train", help="train a model (default: tiny char GPT on python-docs, a few CPU minutes)",
-        description="Train a GPT (objective=clm), BERT-style (objective=mlm) or encoder–decoder translation "
+        description="Train a GPT (objective=clm), BERT-style (objective=mlm, or mlm+nsp: masked tokens and "
+                    "next-sentence prediction) or encoder–decoder translation "
                     "(objective=seq2seq, data: dates | multi30k | SRC_FILE,TGT_FILE) model, evaluating every "
                     "eval_interval steps and saving a checkpoint, metrics.jsonl and loss.png to out_dir. "
                     "Every ModelConfig and TrainConfig field can be set with --key=value. "
@@ -198,6 +205,7 @@ def add_parser(sub) -> None:
                                        for k, v in RECIPES.items()) +
                ".  Examples: minillm train | minillm train --preset=shakespeare-char-cpu "
                "--data=input.txt | minillm train --objective=mlm --tokenizer=bpe --vocab_size=512 | "
+               "minillm train --objective=mlm+nsp --out_dir=out-bert | "
                "minillm train --resume=true --max_iters=2000",
     )
     p.add_argument("--preset", default="python-docs-char", choices=choices, metavar="NAME",

@@ -6,7 +6,8 @@ Read in this order, the order the pieces are built in:
     positional.py    sinusoidal, learned and rotary (RoPE) positions
     attention.py     scaled dot-product attention, multi-head attention, the KV cache
     flash.py         the same attention tiled, FlashAttention-2 in plain PyTorch (the step to kernels/)
-    transformer.py   Block, Transformer, CausalLM (GPT-style), MaskedLM (BERT-style)
+    transformer.py   Block, Transformer, CausalLM (GPT-style), MaskedLM (BERT-style, + next-sentence head)
+    heads.py         SequenceClassifier: a label per sequence from [CLS], the last token, or the mean
     losses.py        softmax and cross-entropy for next-token and masked-token prediction
     seq2seq.py       the paper's encoder–decoder: cross-attention, label smoothing, its lr schedule
     builtin_ops.py   the same layers swapped for PyTorch's fused kernels (same parameters)

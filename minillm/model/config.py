@@ -37,6 +37,9 @@ class ModelConfig:
     n_embd: int = 384  # model width C; each head gets D = C / H channels
     ffn_hidden: int = 0  # FFN inner width; 0 = 4*C (or 8/3*C rounded to 64 for SwiGLU)
     n_token_types: int = 0  # BERT's segment embeddings (2 for BERT); 0 = none
+    # BERT's next-sentence head on a masked LM: the pooler (dense + tanh on [CLS]) and a 2-way
+    # classifier "is B the segment that follows A?" (objective mlm+nsp; model/heads.py)
+    nsp_head: bool = False
     head_size: int = 0  # channels per head D; 0 = n_embd / n_head. Set when heads are pruned away
     #                     (minillm/compress/prune.py): then H·D < C and attention works in H·D channels
 
@@ -97,6 +100,9 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.sliding_window must be >= 1 (or None), got {self.sliding_window}")
             if not self.causal:
                 raise ValueError("ModelConfig.sliding_window needs causal=True: the window looks back only")
+        if self.nsp_head and self.causal:
+            raise ValueError("ModelConfig.nsp_head needs causal=False: next-sentence prediction reads [CLS], "
+                             "which sees the whole pair only in an encoder")
         if self.rope_scaling is not None:
             _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
             if self.rope_factor < 1.0:

@@ -101,3 +101,19 @@ class FeedForward(nn.Module):
         if self.swiglu:
             return self.down(self.act(self.gate(x)) * self.up(x))
         return self.down(self.act(self.up(x)))
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: one vector for the whole sequence, tanh(W·h_[CLS] + b).
+
+    [CLS] is the first token of every BERT input; through attention it sees the whole sequence, and
+    pre-training's next-sentence task teaches it to summarise the pair. The pooled vector feeds the
+    NSP head, and later a fine-tuned classifier (Devlin et al. 2019, §3 and Figure 1).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, C)
+        return torch.tanh(self.dense(h[:, 0]))  # position 0 holds [CLS]

@@ -25,6 +25,7 @@ Naming map (Llama family → minillm). Linear weights are (out, in), as ours.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -80,7 +81,12 @@ def bert_config(hf: dict) -> ModelConfig:
 
 
 def bert_from_state_dict(sd: dict, cfg: ModelConfig) -> MaskedLM:
-    """Build a MaskedLM and copy a Hugging Face BertForMaskedLM state dict into it."""
+    """Build a MaskedLM and copy a Hugging Face BertForMaskedLM state dict into it. A
+    BertForPreTraining state dict (the form of google's released checkpoints) also carries the
+    pooler and the next-sentence head: then the MaskedLM gets its NSP head too (cfg.nsp_head)."""
+    has_nsp = "cls.seq_relationship.weight" in sd
+    if has_nsp != cfg.nsp_head:
+        cfg = dataclasses.replace(cfg, nsp_head=has_nsp)
     model = MaskedLM(cfg)
     e = "bert.embeddings."
     ours = {
@@ -95,6 +101,10 @@ def bert_from_state_dict(sd: dict, cfg: ModelConfig) -> MaskedLM:
         "head_norm.bias": sd["cls.predictions.transform.LayerNorm.bias"],
         "decoder.bias": sd.get("cls.predictions.decoder.bias", sd.get("cls.predictions.bias")),
     }
+    if has_nsp:  # BertForPreTraining: pooler (dense + tanh on [CLS]) and the 2-way NSP classifier
+        for part in ("weight", "bias"):
+            ours[f"pooler.dense.{part}"] = sd[f"bert.pooler.dense.{part}"]
+            ours[f"nsp.{part}"] = sd[f"cls.seq_relationship.{part}"]
     for i in range(cfg.n_layer):
         h, b = f"bert.encoder.layer.{i}.", f"transformer.blocks.{i}."
         for part in ("weight", "bias"):
@@ -291,8 +301,6 @@ def load_hf_folder(path: str | Path, device: str | torch.device = "cpu", **confi
     the folder's tokenizer.json behind minillm's interface (needs the `tokenizers` package); meta
     holds the model config and where it came from, with the end-of-text ids of config.json.
     """
-    import dataclasses
-
     from minillm.data.tokenizer import load_hf_tokenizer
 
     path = Path(path)
@@ -306,6 +314,7 @@ def load_hf_folder(path: str | Path, device: str | torch.device = "cpu", **confi
     make_config, from_state_dict = loaders[kind]
     cfg = dataclasses.replace(make_config(hf_cfg), **config_overrides)
     model = from_state_dict(sd, cfg).to(device).eval()
+    cfg = model.cfg  # (a BERT folder with an NSP head turns nsp_head on)
     tokenizer = load_hf_tokenizer(path) if (path / "tokenizer.json").exists() else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:  # an id past the embedding table
         raise ValueError(f"{path / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, but config.json's "

@@ -23,8 +23,8 @@ import torch.nn as nn
 
 from minillm.model.attention import KVCache, MultiHeadAttention
 from minillm.model.config import ModelConfig
-from minillm.model.layers import ACTIVATION_FNS, FeedForward, make_norm, silu
-from minillm.model.losses import causal_lm_loss, mlm_loss
+from minillm.model.layers import ACTIVATION_FNS, FeedForward, Pooler, make_norm, silu
+from minillm.model.losses import IGNORE_INDEX, causal_lm_loss, cross_entropy, mlm_loss
 from minillm.model.positional import Rotary, make_additive_positions
 
 
@@ -140,7 +140,12 @@ class CausalLM(nn.Module):
 
 
 class MaskedLM(nn.Module):
-    """BERT-style encoder with a masked-language-model head: predicts the tokens hidden by [MASK]."""
+    """BERT-style encoder with a masked-language-model head: predicts the tokens hidden by [MASK].
+
+    With cfg.nsp_head it is BERT's pre-training model (Hugging Face's BertForPreTraining): a second
+    head reads the pooled [CLS] vector and says whether segment B followed segment A in the text,
+    and the loss is L_MLM + L_NSP.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -153,17 +158,35 @@ class MaskedLM(nn.Module):
         self.head_act = ACTIVATION_FNS.get(cfg.activation, silu)  # SwiGLU models use SiLU here
         self.head_norm = make_norm(cfg)
         self.decoder = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.bias)
+        # next-sentence prediction: pooled [CLS] -> 2 logits (0 = "B is next", 1 = "B is random",
+        # Hugging Face's convention)
+        self.pooler = Pooler(cfg) if cfg.nsp_head else None
+        self.nsp = nn.Linear(cfg.n_embd, 2) if cfg.nsp_head else None
         init_weights(self, cfg)
         if cfg.tie_weights:
             self.decoder.weight = self.transformer.tok_emb.weight
 
-    def forward(self, idx, labels=None, *, attention_mask=None, token_type_ids=None):
-        """idx (B, T); labels (B, T) original ids at masked positions, -100 elsewhere;
-        attention_mask (B, T) True/1 for real tokens, False/0 for padding. Returns (logits, loss)."""
+    def pretraining_logits(self, idx, *, attention_mask=None, token_type_ids=None):
+        """(MLM logits (B, T, V), NSP logits (B, 2) or None without the NSP head)."""
         kpm = attention_mask.bool() if attention_mask is not None else None
         h = self.transformer(idx, key_padding_mask=kpm, token_type_ids=token_type_ids)  # (B, T, C)
         logits = self.decoder(self.head_norm(self.head_act(self.head_dense(h))))  # (B, T, V)
+        nsp_logits = self.nsp(self.pooler(h)) if self.nsp is not None else None  # (B, 2)
+        return logits, nsp_logits
+
+    def forward(self, idx, labels=None, *, attention_mask=None, token_type_ids=None, next_sentence_labels=None):
+        """idx (B, T); labels (B, T) original ids at masked positions, -100 elsewhere;
+        attention_mask (B, T) True/1 for real tokens, False/0 for padding; next_sentence_labels (B,)
+        0 = B follows A, 1 = B is random (needs the NSP head). Returns (MLM logits, loss), where
+        loss = L_MLM (+ L_NSP when next_sentence_labels are given)."""
+        logits, nsp_logits = self.pretraining_logits(idx, attention_mask=attention_mask,
+                                                     token_type_ids=token_type_ids)
         loss = mlm_loss(logits, labels) if labels is not None else None
+        if next_sentence_labels is not None:
+            if nsp_logits is None:
+                raise ValueError("next_sentence_labels need a model built with ModelConfig.nsp_head=True")
+            nsp_loss = cross_entropy(nsp_logits, next_sentence_labels, ignore_index=IGNORE_INDEX)
+            loss = nsp_loss if loss is None else loss + nsp_loss  # L_pretrain = L_MLM + L_NSP
         return logits, loss
 
 

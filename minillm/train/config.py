@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from minillm.hardware import DTYPES
 
+OBJECTIVES = ("clm", "mlm", "mlm+nsp", "seq2seq")
+
 
 @dataclass
 class TrainConfig:
@@ -40,6 +42,7 @@ class TrainConfig:
     seed: int = 1337  # weights, batches, dropout: the same seed gives the same run
     # --- what to train ---------------------------------------------------------------------
     objective: str = "clm"  # "clm" next-token prediction (GPT) | "mlm" masked tokens (BERT)
+    #                         | "mlm+nsp" BERT's pre-training: masked tokens + next-sentence prediction
     #                         | "seq2seq" translation with the encoder–decoder (train/seq2seq.py)
     tokenizer: str = "char"  # "char" (nanoGPT's shakespeare-char) | "bpe" (byte-level, trained on the data)
     vocab_size: int = 1024  # BPE vocabulary size (ignored by char: its vocabulary is the text's characters)
@@ -58,8 +61,8 @@ class TrainConfig:
         for name in ("learning_rate", "min_lr", "warmup_iters", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.objective not in ("clm", "mlm", "seq2seq"):
-            raise ValueError(f"TrainConfig.objective must be 'clm', 'mlm' or 'seq2seq', got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"TrainConfig.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.tokenizer not in ("char", "bpe"):
             raise ValueError(f"TrainConfig.tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -41,13 +41,14 @@ import torch.distributed as dist
 
 from minillm.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, begin_checkpoint, prune_checkpoints,
                                 save_model, step_folders)
-from minillm.data.dataset import MLM_SPECIAL_TOKENS, Dataset, get_batch, mask_tokens, prepare_dataset
+from minillm.data.dataset import MLM_SPECIAL_TOKENS, Dataset, prepare_dataset
+from minillm.data.pairs import NSP_SPECIAL_TOKENS
 from minillm.hardware import peak_flops, resolve_device, resolve_dtype
 from minillm.model.builtin_ops import builtin_loss, use_builtin_ops
 from minillm.model.config import ModelConfig
 from minillm.model.transformer import build_model, count_parameters, flops_per_token
 from minillm.train.config import TrainConfig, TrainingDiverged, TrainingInterrupted
-from minillm.train.evaluate import evaluate
+from minillm.train.evaluate import draw_batch, evaluate, model_loss
 from minillm.train.metrics import MetricsLog
 from minillm.train.optim import clip_grad_norm, lr_at, make_optimizer, set_lr
 from minillm.train.state import resume, save_train_state
@@ -112,12 +113,16 @@ def setup(model_cfg: ModelConfig, tc: TrainConfig, data_source: str, rank: int, 
     # data and tokenizer; the model's vocabulary is the tokenizer's
     ds = prepare_dataset(data_source, tokenizer=tc.tokenizer,
                          vocab_size=tc.vocab_size if tc.tokenizer == "bpe" else None,
-                         special_tokens=MLM_SPECIAL_TOKENS if tc.objective == "mlm" else (),
+                         special_tokens={"clm": (), "mlm": MLM_SPECIAL_TOKENS,
+                                         "mlm+nsp": NSP_SPECIAL_TOKENS}[tc.objective],
                          cache_dir=tc.cache_dir, verbose=rank == 0 and progress)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=ds.tokenizer.vocab_size)
     if model_cfg.causal != (tc.objective == "clm"):
         raise ValueError(f"objective={tc.objective} needs causal={tc.objective == 'clm'} in the model "
                          f"config (pass --causal={str(tc.objective == 'clm').lower()})")
+    if tc.objective == "mlm+nsp" and not (model_cfg.nsp_head and model_cfg.n_token_types >= 2):
+        raise ValueError("objective=mlm+nsp needs the NSP head and segment embeddings in the model config "
+                         "(pass --nsp_head=true --n_token_types=2)")
 
     torch.manual_seed(tc.seed)  # same initial weights in every process
     model = build_model(model_cfg).to(device)
@@ -176,22 +181,20 @@ def train_step(run: Run) -> tuple[float, torch.Tensor]:
     lr = lr_at(run.step, tc.learning_rate, tc.min_lr, tc.warmup_iters, tc.lr_decay_iters or tc.max_iters)
     set_lr(run.optimizer, lr)
     # the GLOBAL batch of this step, identical in every process; process r takes its slice
-    x_all, y_all = get_batch(run.data.train, tc.batch_size * run.accum, T, generator=run.batch_gen)
-    if tc.objective == "mlm":
-        x_all, y_all = mask_tokens(x_all, run.data.tokenizer, generator=run.batch_gen)
+    batch_all = draw_batch(run.data.train, tc.batch_size * run.accum, T, tc.objective, run.data.tokenizer,
+                           run.batch_gen)
     local_accum = run.accum // run.world
     step_loss = torch.zeros((), device=run.device)
     for micro in range(local_accum):
         first = (run.rank * local_accum + micro) * tc.batch_size
-        x, y = _to_device(x_all[first:first + tc.batch_size], run.device), _to_device(
-            y_all[first:first + tc.batch_size], run.device)
+        batch = {k: _to_device(v[first:first + tc.batch_size], run.device) for k, v in batch_all.items()}
         # DDP averages gradients in backward; only the last micro-batch needs to do it
         sync = run.world == 1 or micro == local_accum - 1
         with (nullcontext() if sync else run.model.no_sync()), run.autocast:
-            if tc.builtin_ops:
-                loss = builtin_loss(run.model(x)[0], y)
+            if tc.builtin_ops and tc.objective != "mlm+nsp":  # (two heads: the model sums its own losses)
+                loss = builtin_loss(run.model(batch["x"])[0], batch["y"])
             else:
-                loss = run.model(x, y)[1]  # the written-out loss of minillm/model/losses.py
+                loss = model_loss(run.model, batch)[1]  # the written-out loss of minillm/model/losses.py
             loss = loss / local_accum
         run.scaler.scale(loss).backward()
         step_loss += loss.detach()
@@ -356,7 +359,9 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _eval_line(ev: dict, objective: str) -> str:
-    acc = f", val acc {ev['val_acc']:.1%}" if objective == "mlm" else ""
+    acc = f", val acc {ev['val_acc']:.1%}" if objective in ("mlm", "mlm+nsp") else ""
+    if objective == "mlm+nsp":
+        acc += f", val NSP acc {ev['val_nsp_acc']:.1%}"
     return (f"step {ev['step']}: train loss {ev['train_loss']:.4f}, val loss {ev['val_loss']:.4f} "
             f"(ppl {ev['val_ppl']:.2f}{acc})")
 
