@@ -6,8 +6,11 @@ Read in this order:
     tokenizer.py   character-level and byte-level BPE tokenizers
     dataset.py     the train/val split, token streams cached as numpy memmaps, random batches, and
                    BERT's masked-LM corruption
+    pairs.py       [CLS] A [SEP] B [SEP] sentence pairs for BERT's next-sentence prediction
     translation.py parallel text for the encoder–decoder: a generated date task, aligned files,
                    Multi30k (downloaded and checked by sha256), teacher-forcing batches
+    tasks.py       labelled data for fine-tuning: classification (generated sentiment, SST-2, files)
+                   and instruction records (generated tasks, LLMs-from-scratch's 1,100)
 """
 
 from minillm.data.corpora import CORPORA, load_text

@@ -4,6 +4,9 @@
                                  (`pydoc_data.topics`, ~470k characters), so training works offline
     load_text("shakespeare")     tiny-shakespeare (Karpathy's char-rnn, 1.1 MB), downloaded once,
                                  checked against its sha256 and kept in the user cache dir
+    load_text("sst2-text")       the sentences of SST-2's training split, one per line, labels dropped:
+                                 in-domain text for pre-training a model later fine-tuned on SST-2
+                                 (downloaded and checked as minillm/data/tasks.py does; dev is not used)
     load_text("notes.txt")       any UTF-8 .txt file, or a folder of them (sorted, concatenated)
 
 The cache dir is `$XDG_CACHE_HOME/minillm` (else `~/.cache/minillm`), or the `cache_dir` argument.
@@ -25,7 +28,7 @@ from minillm.files import write_bytes
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-CORPORA = ("python-docs", "shakespeare")
+CORPORA = ("python-docs", "shakespeare", "sst2-text")
 
 
 def default_cache_dir() -> Path:
@@ -149,11 +152,15 @@ def iter_text(source: str | Path, cache_dir: str | Path | None = None,
 
 
 def load_text(source: str | Path, cache_dir: str | Path | None = None) -> str:
-    """Text of a named corpus ("python-docs", "shakespeare") or of a local file/folder."""
+    """Text of a named corpus ("python-docs", "shakespeare", "sst2-text") or of a local file/folder."""
     if str(source) == "python-docs":
         text = python_docs_text()
     elif str(source) == "shakespeare":
         text = shakespeare_text(cache_dir)
+    elif str(source) == "sst2-text":
+        from minillm.data.tasks import read_labelled, sst2_files  # (tasks.py imports this module)
+
+        text = "\n".join(read_labelled(sst2_files(cache_dir)[0], "sentence", "label")[0]) + "\n"
     elif Path(source).expanduser().exists():
         text = read_path(source)
     else:
