@@ -5,7 +5,8 @@ One checkpoint is a folder:
     model.safetensors        weights (tied matrices stored once); safetensors never unpickles code
     config.json              {"model": ModelConfig fields, ...anything the writer adds: step, train config}
                              an encoder–decoder (model/seq2seq.py) adds {"seq2seq": {n_enc_layer, n_dec_layer,
-                             pad_id, bos_id, eos_id, label_smoothing}}: its presence makes load_model build a Seq2Seq
+                             pad_id, bos_id, eos_id, label_smoothing}}: its presence makes load_model build a Seq2Seq;
+                             a fine-tuned classifier adds {"classifier": {labels, pooling}} (model/heads.py)
     tokenizer.json           the tokenizer's own JSON (minillm.data.tokenizer)
     train_state.safetensors  only in training checkpoints: optimizer, RNGs, data position (train/state.py)
     manifest.json            written LAST: the size and sha256 of every file above
@@ -46,6 +47,7 @@ from safetensors.torch import save_model as st_save_model
 
 from minillm.files import atomic_write, write_json
 from minillm.model.config import ModelConfig
+from minillm.model.heads import SequenceClassifier
 from minillm.model.seq2seq import Seq2Seq, Seq2SeqConfig
 from minillm.model.transformer import build_model
 
@@ -287,9 +289,18 @@ def seq2seq_config(meta: dict, file: Path, **overrides) -> Seq2SeqConfig:
 
 
 def build_from_config(meta: dict, file: Path, **overrides) -> torch.nn.Module:
-    """A fresh model of the kind and shape config.json describes: Seq2Seq if it has "seq2seq"."""
+    """A fresh model of the kind and shape config.json describes: Seq2Seq if it has "seq2seq", a
+    SequenceClassifier if it has "classifier", else a CausalLM or MaskedLM."""
     if "seq2seq" in meta:
         return Seq2Seq(seq2seq_config(meta, file, **overrides))
+    if "classifier" in meta:
+        c = meta["classifier"]
+        if not (isinstance(c, dict) and isinstance(c.get("labels"), list) and all(isinstance(x, str) for x in c["labels"])):
+            raise CheckpointError(f"{file}: \"classifier\" should be an object with a list of label names")
+        try:
+            return SequenceClassifier(model_config(meta, file, **overrides), c["labels"], c.get("pooling"))
+        except ValueError as e:
+            raise CheckpointError(f"{file}: classifier: {e}") from None
     return build_model(model_config(meta, file, **overrides))
 
 

@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "minillm.cli.info",
     "minillm.cli.data",
     "minillm.cli.train",
+    "minillm.cli.finetune",
     "minillm.cli.checkpoints",
     "minillm.cli.generate",
     "minillm.cli.translate",

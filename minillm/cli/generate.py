@@ -2,6 +2,11 @@
 
     minillm generate out --prompt="def " --max_new_tokens=300 --temperature=0.8 --top_k=200
     minillm generate out --prompt=ROMEO: --num_samples=3 --seed=7 --escapes --stop='\\n\\n'
+    minillm generate out-instruct --prompt="Reverse the following word." --input=tiger --temperature=0
+
+A model from `minillm finetune --task=instruct` (its config has an "instruct" record) takes each prompt
+as an instruction: wrapped in its training template, stopped at its end marker, and only the response is
+printed. --raw continues the prompt text as it is instead.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 import torch
 
 from minillm.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
+from minillm.finetune.instruct import format_prompt
 from minillm.generate.sampling import generate_text
 from minillm.hardware import resolve_device, resolve_dtype
 from minillm.model.config import ModelConfig, split_overrides
@@ -37,22 +43,28 @@ def cmd_generate(args, overrides: list[str]) -> int:
         if p.startswith("FILE:"):  # nanoGPT's convention for long prompts
             p = Path(p[5:]).read_text(encoding="utf-8")
         prompts.append(_unescape(p) if args.escapes else p)
+    stop, instruct = list(args.stop or []), meta.get("instruct") if not args.raw else None
+    if instruct:  # an instruction-tuned model: prompt in its template, stop where its responses end
+        given = _unescape(args.input) if args.escapes else args.input
+        prompts = [format_prompt(p, given, instruct["template"]) for p in prompts]
+        stop.append(instruct["end"])
+    shown = (lambda p: "") if instruct else (lambda p: p)  # the template is not the user's text: print the answer only
     rows = [p for p in prompts for _ in range(args.num_samples)]
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              use_cache=not args.no_cache, generator=gen, stop=args.stop, window_stride=args.window_stride)
+              use_cache=not args.no_cache, generator=gen, stop=stop, window_stride=args.window_stride)
     t0, n_tokens, counts = time.perf_counter(), 0, []
     if args.batch and len(rows) > 1:
         # all rows in one left-padded batch: faster, printed when done
         texts = generate_text(model, tok, rows, args.max_new_tokens, **kw, token_counts=counts)
         for i, (p, t) in enumerate(zip(rows, texts)):
-            print(f"--- sample {i + 1} ---\n{p}{t}")
+            print(f"--- sample {i + 1} ---\n{shown(p)}{t}")
         n_tokens = sum(counts)
     else:
         for i, p in enumerate(rows):
             if len(rows) > 1:
                 print(f"--- sample {i + 1} ---")
-            print(p, end="", flush=True)
+            print(shown(p), end="", flush=True)
             [t] = generate_text(model, tok, [p], args.max_new_tokens, **kw, token_counts=counts,
                                 stream=lambda _, piece: print(piece, end="", flush=True))
             print()
@@ -70,7 +82,11 @@ def add_parser(sub) -> None:
                     "otherwise sampling with temperature, top-k and top-p (nucleus). Uses a KV cache "
                     "unless --no_cache. Prompts longer than the context are cropped to the last "
                     "block_size tokens; past block_size the context falls back by --window_stride tokens "
-                    "and is re-prefilled into the cache (--window_stride=1: nanoGPT's sliding window).",
+                    "and is re-prefilled into the cache (--window_stride=1: nanoGPT's sliding window). "
+                    "An instruction-tuned checkpoint (minillm finetune --task=instruct) reads each --prompt "
+                    "as an instruction: it is wrapped in the template the model was tuned with (--input "
+                    "fills its Input section), generation stops at the model's end marker, and only the "
+                    "response is printed; --raw turns this off and continues the prompt text as given.",
         epilog="examples: minillm generate out --prompt='def ' --max_new_tokens=300 --temperature=0.8 "
                "--top_k=200  |  minillm generate out --prompt=ROMEO: --num_samples=3 --seed=7 "
                "--escapes --stop='\\n\\n'  |  --prompt=FILE:prompt.txt reads the prompt from a file. "
@@ -86,7 +102,11 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=1337, help="sampling seed: same seed, same text")
     p.add_argument("--stop", action="append", default=None,
                    help="stop a sample when this string appears (repeatable; use --escapes for \\n)")
-    p.add_argument("--escapes", action="store_true", help="interpret \\n, \\t in --prompt and --stop")
+    p.add_argument("--input", default="",
+                   help="instruction-tuned models: the context of the template's Input section (default none)")
+    p.add_argument("--raw", action="store_true",
+                   help="instruction-tuned models: continue the prompt as plain text, without the template")
+    p.add_argument("--escapes", action="store_true", help="interpret \\n, \\t in --prompt, --input and --stop")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token")
     p.add_argument("--window_stride", type=int, default=None,
                    help="past block_size, re-prefill the last block_size-K+1 tokens every K tokens "

@@ -5,6 +5,7 @@ Read in this order:
                n-gram precisions, brevity penalty, smoothing — the translation metric
     rouge.py   ROUGE-1/2/L (Lin 2004) as Google's rouge-score computes it — the summarisation metric
     translation.py  both over a test set of translations, with sacreBLEU's signature (`minillm eval --metric=`)
+    classification.py  accuracy, precision/recall/F1 and the confusion matrix, as scikit-learn computes them
 
 Both are written out from scratch; tests/test_metrics.py holds them equal to the reference packages.
 (Held-out loss and perplexity of a language model live with training, in minillm/train/evaluate.py.)
