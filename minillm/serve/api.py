@@ -45,185 +45,22 @@ import time
 import uuid
 
 from minillm.generate.batching import BatchEngine, Event, QueueFull, Request, SamplingParams
+from minillm.serve.metrics import Metrics, MetricsMiddleware
+from minillm.serve.protocol import (MAX_BODY_BYTES, MAX_STOP, MIN_TEMPERATURE, RETRY_AFTER_S, APIError,  # noqa: F401
+                                    CompletionRequest, _is_json, parse, read_body)
 
 try:
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:
     raise ImportError(f"minillm serve needs FastAPI and uvicorn: pip install 'minillm[serve]'. "
                       f"Import failed with: {e}") from e
 
-MAX_STOP = 4  # OpenAI's limit on stop strings
-MAX_BODY_BYTES = 1_000_000  # far more than any context holds; refuses to tokenize megabytes
-RETRY_AFTER_S = 1  # what a 429 tells clients to wait
-MIN_TEMPERATURE = 1e-2  # 0 < temperature < this is greedy: at τ = 0.01 a logit gap of 0.1 is e^-10
-INT64 = 2**63 - 1  # bound for integer fields: the JSON number 10**100 is a 400, not a crash later
-
-
-class APIError(Exception):
-    """Answered as {"error": {...}} with `status`; raised anywhere in a handler."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None, headers=None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-class CompletionRequest(BaseModel):
-    """The accepted body. extra="forbid": a misspelt field is an error, not silently ignored."""
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None  # optional: there is only one model; if given it must be its id
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1, le=INT64)  # OpenAI's default; the real bound is block_size - 1
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy (and so is 0 < τ < MIN_TEMPERATURE)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1, le=INT64)  # not in OpenAI's API; vLLM and llama.cpp accept it
-    n: int = Field(1, ge=1, le=INT64)  # the real bound is max_batch_size
-    stop: str | list[str] | None = None
-    stream: bool = False
-    # same seed, same request -> same text, whatever else is being served; the range is what
-    # torch.Generator.manual_seed takes (negative seeds wrap around, so llama.cpp's -1 works too)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    user: str | None = None  # accepted for client compatibility, not used
-
-
-# --- Prometheus text exposition, written out (format: prometheus.io/docs/instrumenting/exposition_formats)
-
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-KNOWN_PATHS = ("/v1/completions", "/v1/models", "/health", "/metrics")
-
-
-class Metrics:
-    def __init__(self):
-        self.requests: dict[tuple[str, int], int] = {}  # (path, status code) -> count
-        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # last = above every bucket
-        self.latency_sum = 0.0
-        self.client_disconnects = 0
-
-    def observe(self, path: str, code: int, seconds: float) -> None:
-        path = path if path in KNOWN_PATHS else "other"  # bounded label values
-        self.requests[(path, code)] = self.requests.get((path, code), 0) + 1
-        if path == "/v1/completions" and code == 200:
-            i = next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))
-            self.latency_counts[i] += 1
-            self.latency_sum += seconds
-
-    def render(self, engine: BatchEngine) -> str:
-        s = engine.stats
-        out = ["# HELP minillm_requests_total HTTP requests by path and status code "
-               "(499 = client closed the connection first).", "# TYPE minillm_requests_total counter"]
-        for (path, code), n in sorted(self.requests.items()):
-            out.append(f'minillm_requests_total{{path="{path}",code="{code}"}} {n}')
-
-        def histogram(name: str, help: str, bounds, counts, total):
-            out.extend([f"# HELP {name} {help}", f"# TYPE {name} histogram"])
-            cumulative = 0
-            for b, c in zip(bounds, counts):
-                cumulative += c
-                out.append(f'{name}_bucket{{le="{b}"}} {cumulative}')
-            out.append(f'{name}_bucket{{le="+Inf"}} {sum(counts)}')  # Prometheus wants cumulative counts
-            out.extend([f"{name}_sum {total}", f"{name}_count {sum(counts)}"])
-
-        histogram("minillm_request_duration_seconds", "Time from request to last byte of successful "
-                  "completions.", LATENCY_BUCKETS, self.latency_counts, round(self.latency_sum, 6))
-        rows = s.batch_rows  # rows[b] = decode steps that ran with b rows
-        bounds = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < len(rows)} | {len(rows) - 1})
-        counts = [sum(rows[lo + 1:hi + 1]) for lo, hi in zip([0] + bounds[:-1], bounds)]
-        histogram("minillm_batch_size", "Active rows in each decode step.", bounds, counts,
-                  sum(b * n for b, n in enumerate(rows)))
-        for name, kind, help, value in (
-            ("minillm_prompt_tokens_total", "counter", "Prompt tokens prefilled.", s.prompt_tokens),
-            ("minillm_generated_tokens_total", "counter", "Tokens generated.", s.generated_tokens),
-            ("minillm_client_disconnects_total", "counter", "Requests whose client left before the end.",
-             self.client_disconnects),
-            ("minillm_queue_depth", "gauge", "Requests waiting for a batch slot.", engine.queue_depth),
-            ("minillm_active_rows", "gauge", "Batch rows (completions) being decoded.", engine.active_rows),
-            ("minillm_max_batch_size", "gauge", "Batch rows available.", engine.max_batch_size),
-        ):
-            out.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {value}"])
-        return "\n".join(out) + "\n"
-
-
-class MetricsMiddleware:
-    """Plain ASGI middleware: counts every response by status and times it to its last byte."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [500]
-
-        async def send_and_record(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            code = 499 if scope.get("minillm.client_left") else status[0]
-            self.metrics.observe(scope["path"], code, time.perf_counter() - t0)
-
 
 # --- the app ---------------------------------------------------------------------------------------
-
-def _validation_message(err: ValidationError) -> tuple[str, str | None]:
-    """pydantic's first complaint as (message, the request field it is about)."""
-    e = err.errors()[0]
-    param = str(e["loc"][0]) if e["loc"] else None
-    if e["type"] == "extra_forbidden":
-        return f"unknown field {param!r} (accepted: {', '.join(CompletionRequest.model_fields)})", param
-    return f"{param}: {e['msg']}", param
-
-
-def _no_nan(constant: str):
-    """json.loads accepts NaN and Infinity, which are not JSON (and would slip past range checks)."""
-    raise ValueError(f"{constant} is not a JSON value")
-
-
-def _is_json(content_type: str) -> bool:
-    """application/json or application/<something>+json, with no charset but UTF-8 (RFC 8259 §8.1)."""
-    media, *params = [part.strip().lower() for part in content_type.split(";")]
-    if not (media == "application/json" or re.fullmatch(r"application/[\w.+-]+\+json", media)):
-        return False
-    charsets = [p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")]
-    return all(c in ("utf-8", "utf8") for c in charsets)
-
-
-async def read_body(request: HTTPRequest, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, read piece by piece, refusing (413) as soon as it passes `limit` bytes.
-
-    Checking len(await request.body()) would come too late: that reads the whole body into memory
-    first, and a chunked upload (no Content-Length) can be any size. A declared Content-Length is
-    refused before reading anything. Connection: close, because the rest of the upload is unread
-    and the connection cannot carry another request until it is."""
-    def too_large(size: str) -> APIError:
-        return APIError(413, f"request body is {size} bytes; the limit is {limit:,}",
-                        headers={"Connection": "close"})
-
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(f"{int(declared):,}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(f"more than {limit:,}")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
 
 def _check_origins(origins: list[str]) -> list[str]:
     """CORS origins as browsers send them: scheme://host[:port], no path, no trailing slash; or *."""
@@ -323,28 +160,6 @@ def build_app(model, tokenizer, model_name: str = "minillm", max_batch_size: int
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "minillm", "max_model_len": block_size}]}
 
-    def parse(body: bytes) -> CompletionRequest:
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            bad = body[e.start:e.start + 1]
-            raise APIError(400, f"request body is not valid UTF-8 (byte {e.start}: {bad!r})")
-        try:  # ValueError includes integers of more than 4300 digits (sys.int_info)
-            obj = json.loads(text, parse_constant=_no_nan)
-        except ValueError as e:
-            raise APIError(400, f"request body is not valid JSON: {e}")
-        except RecursionError:  # [[[[...]]]]: the parser recurses once per level
-            raise APIError(400, "request body nests JSON arrays/objects too deeply")
-        if not isinstance(obj, dict):
-            raise APIError(400, "request body must be a JSON object")
-        try:  # strict: "5" is not an integer and true is not 1 (no silent coercion)
-            return CompletionRequest.model_validate(obj, strict=True)
-        except ValidationError as e:
-            message, param = _validation_message(e)
-            raise APIError(400, message, param=param)
-        except RecursionError:  # deep, but not too deep for json.loads: {"prompt": [[[...]]]}
-            raise APIError(400, "request body nests JSON arrays/objects too deeply")
-
     def prepare(req: CompletionRequest) -> tuple[list[list[int]], SamplingParams]:
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"model {req.model!r} is not served here; this server has {model_name!r}",
@@ -390,7 +205,7 @@ def build_app(model, tokenizer, model_name: str = "minillm", max_batch_size: int
         if not _is_json(content_type):
             raise APIError(415, f"Content-Type must be application/json (UTF-8), got "
                            f"{content_type[:100]!r}", code="unsupported_media_type")
-        body = parse(await read_body(request))
+        body = parse(await read_body(request), CompletionRequest)
         # tokenizing a long prompt (pure-Python BPE) would stall every stream: do it off the loop
         prompt_ids, params = await asyncio.to_thread(prepare, body)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()  # Event | None (client left)
