@@ -103,7 +103,7 @@ def server(checkpoint):
     env = {**os.environ, "MINILLM_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "minillm.cli", "serve", str(checkpoint),
                              f"--port={port}", "--max_batch_size=8", "--max_queue=8", "--log-level=warning",
-                             "--threads=1"],
+                             "--threads=1", "--access-log=off"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
 

@@ -1,15 +1,20 @@
-"""`minillm serve CHECKPOINT`: serve a trained model over HTTP, many clients batched together.
+"""`minillm serve CHECKPOINT ...`: serve trained models over HTTP, many clients batched together.
 
     minillm serve out/shakespeare --port=8000
+    minillm serve shakespeare=out/shakespeare docs=out --admin-key=$ADMIN   several models, hot updates
     curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"prompt": "ROMEO:", "max_tokens": 50, "temperature": 0.8}'
+    curl -s localhost:8000/admin/models/docs -H "Authorization: Bearer $ADMIN" \
+         -H 'Content-Type: application/json' -d '{"path": "out-v2"}'        switch docs to a new version
 
-Three layers, each in its own file:
+The layers, each in its own file:
     minillm/generate/batching.py   the continuous-batching engine: one thread, one KV cache of
                                    max_batch_size rows, requests joining and leaving between steps
-    minillm/serve/api.py           the FastAPI app: OpenAI-compatible /v1/completions (+ streaming),
-                                   /v1/models, /health, /metrics; validation, errors, the queue's 429s
-    this file                      the command line: load the checkpoint, build the app, run uvicorn
+    minillm/serve/registry.py      models and their versions: load, warm up, switch, roll back
+    minillm/serve/api.py           the FastAPI app: OpenAI-compatible /v1/completions and
+                                   /v1/chat/completions (+ streaming), /v1/models, /admin, /health,
+                                   /metrics; validation, errors, the queue's 429s
+    this file                      the command line: load the checkpoints, build the app, run uvicorn
 
 The OpenAI Python client works against it: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...).
 This file imports FastAPI and uvicorn only when the command runs, so `minillm --help` works without
@@ -36,7 +41,10 @@ def cmd_serve(args, overrides: list[str]) -> int:
     except ImportError as e:
         raise ImportError(f"minillm serve needs uvicorn: pip install 'minillm[serve]' ({e})") from e
 
+    from minillm.model.pretrained import is_hf_folder
     from minillm.serve.api import build_app
+    from minillm.serve.metrics import setup_access_log
+    from minillm.serve.registry import Registry
 
     (changes,) = split_overrides(overrides, ModelConfig)  # e.g. --attention=sdpa
     if args.threads is not None:
@@ -45,28 +53,57 @@ def cmd_serve(args, overrides: list[str]) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device or "auto")
     dtype = resolve_dtype(args.dtype, device, allow_cpu_half=True)
-    folder = find_checkpoint(args.checkpoint)  # a checkpoint folder, or a run's newest complete one
-    model, tokenizer, meta = load_model(folder, device=device, **changes)  # float or quantized
-    if tokenizer is None:
-        raise FileNotFoundError(f"{folder / TOKENIZER_FILE}: missing; serving needs the tokenizer (text in, text out)")
-    model.to(dtype=dtype)
-    name = args.model_name or Path(args.checkpoint).resolve().name
+
+    def load(folder):  # float or quantized checkpoint, or a Hugging Face folder
+        model, tokenizer, meta = load_model(folder, device=device, **changes)
+        return model.to(dtype=dtype), tokenizer, meta
+
+    registry = Registry(load, args.max_batch_size, args.max_queue, args.seed)
+    specs = _model_specs(args.checkpoints, args.model_name)
+    for name, path in specs:
+        folder = path if is_hf_folder(path) else find_checkpoint(path)  # a run's newest complete checkpoint
+        model, tokenizer, meta = load(folder)
+        if tokenizer is None:
+            raise FileNotFoundError(f"{Path(folder) / TOKENIZER_FILE}: missing; serving needs the tokenizer "
+                                    "(text in, text out)")
+        registry.add(registry.make_version(name, model, tokenizer, meta, str(folder), start=False))
     api_key = args.api_key or os.environ.get("MINILLM_API_KEY") or None
+    admin_key = args.admin_key or os.environ.get("MINILLM_ADMIN_KEY") or None
     # --cors-origin is repeatable and each may be a comma-separated list
     origins = [o.strip() for value in args.cors_origin or [] for o in value.split(",") if o.strip()]
-    app = build_app(model, tokenizer, name, args.max_batch_size, args.max_queue, api_key, args.seed,
-                    cors_origins=origins)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"minillm serve: {name} ({n_params / 1e6:.2f}M parameters, block_size {model.cfg.block_size}) "
-          f"on {device}/{args.dtype}; batch {args.max_batch_size}, queue {args.max_queue}, "
-          f"API key {'required' if api_key else 'not required'}; "
-          f"CORS {', '.join(origins) if origins else 'off'}", flush=True)
+    setup_access_log(args.access_log)
+    app = build_app(registry, api_key=api_key, seed=args.seed, cors_origins=origins, admin_key=admin_key)
+    for v in registry.versions():
+        n_params = sum(p.numel() for p in v.model.parameters())
+        print(f"minillm serve: {v.name} = {v.path} ({v.version}; {n_params / 1e6:.2f}M parameters, block_size "
+              f"{v.block_size}{', instruction-tuned' if v.meta.get('instruct') else ''})", flush=True)
+    print(f"on {device}/{args.dtype}; batch {args.max_batch_size}, queue {args.max_queue} per model version, "
+          f"API key {'required' if api_key else 'not required'}, admin API {'on' if admin_key else 'off'}; "
+          f"CORS {', '.join(origins) if origins else 'off'}; access log {args.access_log}", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print("warning: listening beyond localhost without an API key; anyone who can reach the "
               "port can use the model (set --api-key or MINILLM_API_KEY)", flush=True)
+    # uvicorn's own access log is off: minillm.access writes one structured line per request instead
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="none",
-                access_log=args.log_level in ("info", "debug"))  # ws: no websockets endpoint here
+                access_log=False)  # ws: no websockets endpoint here
     return 0
+
+
+def _model_specs(checkpoints: list[str], model_name: str | None) -> list[tuple[str, str]]:
+    """[(name, path)] from `PATH` or `NAME=PATH` words; a bare PATH is named --model-name or its folder."""
+    specs = []
+    for word in checkpoints:
+        name, sep, path = word.partition("=")
+        if not sep:
+            name, path = (model_name if len(checkpoints) == 1 and model_name else Path(word).resolve().name), word
+        if not name or not path:
+            raise ValueError(f"{word!r}: give a checkpoint as PATH or NAME=PATH")
+        specs.append((name, path))
+    names = [n for n, _ in specs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ValueError(f"model name {dup!r} is given twice; name each checkpoint (NAME=PATH)")
+    return specs
 
 
 def add_parser(sub) -> None:
@@ -79,7 +116,9 @@ def add_parser(sub) -> None:
         "block_size - max_tokens tokens is cropped to its last block_size - max_tokens tokens. Model "
         "options that do not change the weights are --key=value, e.g. --attention=sdpa.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint folder (model.safetensors, config.json, tokenizer.json)")
+    p.add_argument("checkpoints", nargs="+", metavar="[NAME=]CHECKPOINT",
+                   help="one or more models: a checkpoint or run folder (or Hugging Face folder), optionally "
+                        "named (NAME=PATH); requests choose one with \"model\" (default: the first)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 to accept remote clients")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max_batch_size", "--max-batch-size", type=int, default=16,
@@ -89,6 +128,11 @@ def add_parser(sub) -> None:
     p.add_argument("--api-key", "--api_key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MINILLM_API_KEY, else none; "
                         "prefer the variable: command lines are visible to other users in ps)")
+    p.add_argument("--admin-key", "--admin_key", default=None,
+                   help="turn on the model update API (POST /admin/models/NAME {\"path\": ...}, .../rollback) behind "
+                        "'Authorization: Bearer ADMIN_KEY' (default: $MINILLM_ADMIN_KEY, else off)")
+    p.add_argument("--access-log", "--access_log", default="json", choices=["json", "off"],
+                   help="one JSON line per request on stderr: request id, model, version, tokens, latency, status")
     p.add_argument("--cors-origin", "--cors_origin", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000; '*' for any) call the API "
                         "from a browser; repeat it or separate origins by commas (default: none)")
@@ -102,5 +146,5 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for sampling requests that give none")
     p.add_argument("--log-level", "--log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn's log level; info logs every request")
+                   help="uvicorn's own log level (requests are logged by --access-log)")
     p.set_defaults(func=cmd_serve)

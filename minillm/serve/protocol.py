@@ -60,6 +60,37 @@ class CompletionRequest(BaseModel):
     user: str | None = None  # accepted for client compatibility, not used
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: str  # system | developer | user | assistant (serve/chat.py checks, with a clearer message)
+    content: str
+    name: str | None = None  # accepted for client compatibility, not used
+
+
+class ChatRequest(BaseModel):
+    """POST /v1/chat/completions: OpenAI's chat shape; sampling fields as for completions."""
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=1, le=INT64)  # None: up to the context
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64)  # OpenAI's newer name for max_tokens
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1, le=INT64)
+    n: int = Field(1, ge=1, le=INT64)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None  # accepted ({"include_usage": ...}), not used
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    user: str | None = None
+
+
+class SwitchRequest(BaseModel):
+    """POST /admin/models/NAME: the checkpoint (folder or run folder) to serve as NAME's new version."""
+    model_config = ConfigDict(extra="forbid")
+    path: str
+
+
 def _validation_message(err: ValidationError, schema: type[BaseModel]) -> tuple[str, str | None]:
     """pydantic's first complaint as (message, the request field it is about)."""
     e = err.errors()[0]
