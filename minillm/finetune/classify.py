@@ -18,7 +18,7 @@ import torch
 from minillm.data.tasks import classification_data
 from minillm.evaluate.classification import classification_report
 from minillm.finetune.config import FinetuneConfig
-from minillm.finetune.trainer import check_out_dir, choose_trainable, fit
+from minillm.finetune.trainer import check_out_dir, choose_trainable, fit, fresh_copy
 from minillm.model.heads import SequenceClassifier
 
 HEAD = ["pooler", "head"]  # the task's own modules: trained in every mode (the pooler only if it exists)
@@ -103,6 +103,8 @@ def finetune_classifier(lm, tokenizer, cfg: FinetuneConfig, *, base: str = "", d
                                dev_path=cfg.dev_data, dev_fraction=cfg.dev_fraction, cache_dir=cfg.cache_dir,
                                seed=cfg.seed)
     check_out_dir(cfg)
+    if cfg.reinit:
+        lm = fresh_copy(lm, cfg.seed)
     torch.manual_seed(cfg.seed)  # the fresh head's initial weights
     model, wrap = build_classifier(lm, tokenizer, data.labels)
     model.to(device)
@@ -115,7 +117,7 @@ def finetune_classifier(lm, tokenizer, cfg: FinetuneConfig, *, base: str = "", d
         say(f"{train_cut:,} of {len(train_rows):,} training and {dev_cut:,} of {len(dev_rows):,} dev texts are longer "
             f"than block_size={T} tokens and were cut to their first {T - 2 if wrap else T}")
     counts = choose_trainable(model, cfg, [h for h in HEAD if getattr(model, h, None) is not None])
-    say(f"fine-tuning {model.pooling}-pooled {'encoder' if not model.cfg.causal else 'decoder'} ({cfg.mode}): "
+    say(f"fine-tuning {'a RANDOMLY INITIALISED ' if cfg.reinit else ''}{model.pooling}-pooled {'encoder' if not model.cfg.causal else 'decoder'} ({cfg.mode}): "
         f"{counts['trainable']:,} of {counts['total']:,} parameters train; {len(train_rows):,} train / "
         f"{len(dev_rows):,} dev examples of {data.source}, labels {data.labels}")
     pad = pad_id(tokenizer)

@@ -4,7 +4,7 @@
 Three ways to fine-tune the same model (compare them; the README has measured figures):
 
     full            every weight trains (the default)              most capacity, a full copy per task
-    freeze_trunk    only the new head trains: a linear probe       what the pre-trained features alone know
+    freeze_trunk    only the head trains (BERT: pooler + classifier)   what the pre-trained features alone know
     lora_rank > 0   low-rank adapters on the trunk + the head      ~1% of the weights, merged afterwards
 """
 
@@ -27,11 +27,13 @@ class FinetuneConfig:
     label_column: str = "label"  # column/key of the label: integers, or strings (mapped in sorted order)
     template: str = "alpaca"  # instruct: the prompt format, see finetune/instruct.py
     # --- how: full, frozen trunk, or LoRA --------------------------------------------------------
-    freeze_trunk: bool = False  # train only the head (a linear probe of the pre-trained features)
+    freeze_trunk: bool = False  # train only the head, BERT's pooler included (a probe of the pre-trained features)
     lora_rank: int = 0  # > 0: LoRA adapters of this rank (Hu et al. 2021); the trunk's weights stay frozen
     lora_alpha: float = 16.0  # LoRA scale α: the update is (α/r)·B·A
     lora_targets: str = "qkv,proj"  # comma-separated linear layers to adapt: qkv, proj, up, down, gate
     lora_dropout: float = 0.0  # dropout on the adapters' input
+    reinit: bool = False  # start from random weights of the base's shape and tokenizer: the control that
+    #                       shows what pre-training bought (same model, same data, no pre-training)
     save_adapter: bool = True  # LoRA: also write the adapter alone (OUT/adapter/) beside the merged model
     # --- optimisation ----------------------------------------------------------------------
     max_iters: int = 300  # optimizer steps

@@ -23,7 +23,7 @@ from minillm.data.tasks import instruction_records, split_records
 from minillm.evaluate.rouge import rouge_scores
 from minillm.finetune.classify import pad_id
 from minillm.finetune.config import FinetuneConfig
-from minillm.finetune.trainer import check_out_dir, choose_trainable, fit
+from minillm.finetune.trainer import check_out_dir, choose_trainable, fit, fresh_copy
 from minillm.generate.sampling import generate_text
 from minillm.model.losses import IGNORE_INDEX
 
@@ -198,8 +198,8 @@ def finetune_instruct(lm, tokenizer, cfg: FinetuneConfig, *, base: str = "", dev
         say(f"{train_cut:,} of {len(train_rows):,} training and {dev_cut:,} of {len(dev_rows):,} dev examples are "
             f"longer than block_size+1={T + 1} tokens and were cut (the response keeps at least half the window)")
     check_out_dir(cfg)
+    model = (fresh_copy(lm, cfg.seed) if cfg.reinit else lm).to(device)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices
-    model = lm.to(device)
     counts = choose_trainable(model, cfg, head=[])  # no new head: LoRA trains nothing but its adapters
     end = end_marker(tokenizer)
     say(f"instruction tuning ({cfg.mode}, template {cfg.template!r}, end {end!r}): {counts['trainable']:,} of "

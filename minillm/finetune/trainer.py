@@ -53,6 +53,12 @@ def choose_trainable(model: torch.nn.Module, cfg: FinetuneConfig, head: list[str
     return {"trainable": trainable, "total": total, "lora_layers": lora_layers}
 
 
+def fresh_copy(lm: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A randomly initialised model of lm's class and config (FinetuneConfig.reinit)."""
+    torch.manual_seed(seed)
+    return type(lm)(lm.cfg).to(next(lm.parameters()).device)
+
+
 def check_out_dir(cfg: FinetuneConfig) -> None:
     """A run never silently replaces another (as in training): overwrite=true says it may."""
     held = step_folders(cfg.out_dir)
