@@ -201,3 +201,16 @@ def test_access_log_is_one_json_line_per_request(server, caplog):
     assert ok["request_id"].startswith("chatcmpl-") and ok["prompt_tokens"] > 0 and ok["completion_tokens"] >= 1
     assert ok["latency_ms"] > 0 and ok["stream"] is False
     assert any(x["status"] == 404 and x["path"] == "/v1/completions" for x in lines)
+
+
+def test_the_grafana_dashboard_charts_metrics_that_exist(server):
+    import re
+    from pathlib import Path
+
+    base, _ = server
+    httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    exposed = {line.split("{")[0].split(" ")[0] for line in httpx.get(f"{base}/metrics").text.splitlines()
+               if line and not line.startswith("#")}
+    dash = json.loads((Path(__file__).parent.parent / "sky" / "grafana-dashboard.json").read_text())
+    used = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"minillm_\w+", t["expr"])}
+    assert used and used <= exposed, used - exposed
