@@ -18,6 +18,16 @@ import tempfile
 from pathlib import Path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+# read once, at import: os.umask is process-wide, so reading it later could race another thread
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def _fsync(path: str | Path, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
     try:
@@ -51,6 +61,9 @@ class atomic_write:
             self.tmp.unlink(missing_ok=True)
             return False
         try:
+            # mkstemp made it 0600 (and a writer may have replaced it): give it the mode open() would,
+            # 0666 less the umask, so a checkpoint stays readable by others, e.g. a container's user
+            os.chmod(self.tmp, _FILE_MODE)
             _fsync(self.tmp)  # the bytes reach the disk before the name points at them
             os.replace(self.tmp, self.path)  # atomic: readers see the old file or the new one
             _fsync(self.path.parent, directory=True)  # and the rename itself is durable

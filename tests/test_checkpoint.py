@@ -1,6 +1,7 @@
 """Checkpoint folders: exact round trip, atomic writes, clear errors."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -30,6 +31,20 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-save")
     assert path.read_text() == "old"
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_atomic_write_gives_the_mode_open_would(tmp_path):
+    """Not mkstemp's 0600: a checkpoint mounted into a container runs as another user there."""
+    path = tmp_path / "x.json"
+    with atomic_write(path) as tmp:
+        tmp.write_text("{}")
+    model = CausalLM(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    folder = save_model(tmp_path / "ckpt", model)  # safetensors writes the weights itself
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for p in [path, *folder.iterdir()]:
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p
 
 
 def test_not_a_checkpoint_and_incomplete_folder_errors(tmp_path):
