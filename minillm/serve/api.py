@@ -297,13 +297,14 @@ def build_app(model, tokenizer=None, model_name: str = "minillm", max_batch_size
                            f"{content_type[:100]!r}", code="unsupported_media_type")
         body = parse(await read_body(request), schema)
         name = body.model if body.model is not None else default
+        log = request.scope.setdefault("minillm.log", {})
+        log.update(model=name, stream=body.stream)
         try:
             v = registry.acquire(name)  # this request's version, whatever switches happen meanwhile
         except KeyError:
             raise APIError(404, f"model {name!r} is not served here; this server has "
                            f"{', '.join(repr(n) for n in registry.names())}", param="model", code="model_not_found")
-        log = request.scope.setdefault("minillm.log", {})
-        log.update(model=name, version=v.version, stream=body.stream)
+        log["version"] = v.version
         released = False
 
         def release() -> None:
