@@ -61,3 +61,37 @@ def test_generate_quantize_and_serve_accept_the_folder(hf_folder, tmp_path, caps
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app))
     assert main(["serve", str(hf_folder)]) == 0
     assert "app" in started
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    """A Hugging Face BERT folder as google's checkpoints come: BertForPreTraining (with the pooler and
+    NSP head) and a WordPiece tokenizer.json with [PAD] [UNK] [CLS] [SEP] [MASK], all built offline."""
+    folder = tmp_path_factory.mktemp("bert")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    tok.decoder = tokenizers.decoders.WordPiece()
+    trainer = tokenizers.trainers.WordPieceTrainer(vocab_size=120,
+                                                   special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(["a good film", "a bad film", "not good at all", "truly great acting"] * 10, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    transformers.BertForPreTraining(cfg).eval().save_pretrained(folder)
+    return folder
+
+
+def test_finetune_takes_a_hugging_face_bert_folder(bert_folder, tmp_path, capsys):
+    data = tmp_path / "task.jsonl"
+    data.write_text("\n".join(f'{{"text": "{"a good film" if i % 2 else "a bad film"}", "label": "{"pos" if i % 2 else "neg"}"}}'
+                              for i in range(60)))
+    assert main(["finetune", str(bert_folder), f"--data={data}", "--max_iters=40", "--eval_interval=40", "--warmup_iters=5",
+                 "--learning_rate=3e-3", f"--out_dir={tmp_path / 'out'}"]) == 0
+    out = capsys.readouterr().out
+    assert "cls-pooled encoder (full)" in out and "accuracy" in out
+    clf, tok, meta = load_model(tmp_path / "out")
+    assert meta["classifier"]["labels"] == ["neg", "pos"] and meta["classifier"]["wrap"]
+    ids = [tok.special_tokens["[CLS]"], *tok.encode("a good film"), tok.special_tokens["[SEP]"]]
+    assert clf(torch.tensor([ids]))[0].argmax(-1).item() == 1
