@@ -83,7 +83,7 @@ def test_seq2seq_round_trip(tmp_path):
     save_model(tmp_path, model, tok, step=7)
     meta = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert meta["seq2seq"] == dict(n_enc_layer=2, n_dec_layer=1, pad_id=model.cfg.pad_id, bos_id=model.cfg.bos_id,
-                                   eos_id=model.cfg.eos_id, label_smoothing=0.05)
+                                   eos_id=model.cfg.eos_id, label_smoothing=0.05, output_bias=False)
     loaded, tok2, meta2 = load_model(tmp_path)
     assert isinstance(loaded, Seq2Seq) and loaded.cfg == model.cfg and meta2["step"] == 7
     assert tok2.to_dict() == tok.to_dict()

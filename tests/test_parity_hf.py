@@ -323,3 +323,63 @@ def _dummy_mlm_head(cfg):
     return {"transform.dense.weight": torch.zeros(C, C), "transform.dense.bias": torch.zeros(C),
             "transform.LayerNorm.weight": torch.ones(C), "transform.LayerNorm.bias": torch.zeros(C),
             "bias": torch.zeros(V)}
+
+
+# --- the encoder–decoder: BART, built offline from a small config ---------------------------------
+
+from minillm.model.pretrained_seq2seq import bart_config, bart_from_state_dict, load_bart  # noqa: E402
+
+
+def small_bart():
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=91, d_model=48, encoder_layers=3, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=80,
+                                  decoder_ffn_dim=80, max_position_embeddings=64, dropout=0.0,
+                                  attention_dropout=0.0, activation_dropout=0.0)
+    hf = transformers.BartForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random-init biases and norms are 0 and 1: make them count, so a wrong map shows
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "layer_norm" in name or "layernorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+        hf.final_logits_bias.normal_()
+    return hf
+
+
+def bart_batch():
+    gen = torch.Generator().manual_seed(1)
+    src = torch.randint(3, 91, (2, 13), generator=gen)
+    src_mask = torch.ones_like(src)
+    src[1, 9:], src_mask[1, 9:] = 1, 0  # the second sentence is 4 pads shorter (BART's pad id is 1)
+    tgt_in = torch.randint(3, 91, (2, 7), generator=gen)
+    tgt_in[:, 0] = 2  # decoder_start_token_id
+    return src, src_mask, tgt_in
+
+
+def test_bart_logits_match_with_source_padding():
+    hf = small_bart()
+    cfg = bart_config(hf.config.to_dict())
+    ours = bart_from_state_dict(hf.state_dict(), cfg).eval()
+    assert (cfg.n_enc_layer, cfg.n_dec_layer, cfg.pad_id, cfg.bos_id) == (3, 2, 1, 2)
+    src, src_mask, tgt_in = bart_batch()
+    with torch.no_grad():
+        ref = hf(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt_in).logits
+        got, _ = ours(src, tgt_in, src_mask=src_mask)
+    assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bart_loads_from_a_downloaded_folder_and_decodes_like_hf(tmp_path):
+    hf = small_bart()
+    hf.save_pretrained(tmp_path)
+    ours = load_bart(tmp_path).eval()
+    src, src_mask, tgt_in = bart_batch()
+    with torch.no_grad():  # step-by-step decoding with both caches = one teacher-forced pass
+        memory = ours.encode(src, src_mask.bool())
+        kv, cache = ours.cross_kv(memory), ours.new_cache(2)
+        steps = [ours.decode(tgt_in[:, t:t + 1], kv, src_mask.bool(), cache=cache) for t in range(tgt_in.shape[1])]
+        ref = hf(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt_in).logits
+    assert_close(torch.cat(steps, dim=1), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_prenorm_bart_variants_are_refused():
+    with pytest.raises(ValueError, match="normalize_before"):
+        bart_config({**small_bart().config.to_dict(), "normalize_before": True})

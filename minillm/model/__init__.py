@@ -13,6 +13,7 @@ Read in this order, the order the pieces are built in:
     builtin_ops.py   the same layers swapped for PyTorch's fused kernels (same parameters)
     pretrained.py    Hugging Face GPT-2, BERT and Llama-family (Llama, Mistral, Qwen2, SmolLM2)
                      weights loaded into these classes
+    pretrained_seq2seq.py  Hugging Face BART weights loaded into the encoder–decoder (Seq2Seq)
 """
 
 from minillm.model.attention import KVCache, MultiHeadAttention, scaled_dot_product_attention

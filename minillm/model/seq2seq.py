@@ -52,6 +52,10 @@ class Seq2SeqConfig:
     bos_id: int = 1  # the decoder's first input ("start of sentence")
     eos_id: int = 2  # the decoder's last target: generation stops there
     label_smoothing: float = 0.1  # ε of §5.4: hurts perplexity, helps BLEU
+    # a bias on the output logits (Hugging Face BART/Marian's final_logits_bias). The paper's tied
+    # output layer has none; checkpoints converted from fairseq/Marian may carry one, so loading them
+    # needs the switch (pretrained_seq2seq.py)
+    output_bias: bool = False
 
     def __post_init__(self):
         if self.n_enc_layer <= 0 or self.n_dec_layer <= 0:
@@ -169,11 +173,13 @@ class Seq2Seq(nn.Module):
         self.pos_emb = make_additive_positions(dec)
         # §3.4: embeddings are multiplied by √C (matters with sinusoids, see transformer.py)
         self.embed_scale = math.sqrt(dec.n_embd) if dec.positional == "sinusoidal" else 1.0
+        # embed_norm (BART's layernorm_embedding): the decoder normalises its summed embeddings too
+        self.emb_norm = make_norm(dec) if dec.embed_norm else None
         self.emb_drop = nn.Dropout(dec.rate("embd"))
         rotary = Rotary(dec) if dec.positional == "rotary" else None
         self.blocks = nn.ModuleList(DecoderBlock(dec, rotary) for _ in range(cfg.n_dec_layer))
         self.final_norm = make_norm(dec) if dec.prenorm else None
-        self.lm_head = nn.Linear(dec.n_embd, dec.vocab_size, bias=False)
+        self.lm_head = nn.Linear(dec.n_embd, dec.vocab_size, bias=cfg.output_bias)
         # residual projections scaled by 1/√(2·L) with L the number of layers on each side
         init_weights(self, dec)  # every module, with the decoder's depth ...
         init_weights(self.encoder, enc)  # ... then the encoder again with its own
@@ -201,6 +207,8 @@ class Seq2Seq(nn.Module):
         x = self.tok_emb(tgt_in) * self.embed_scale  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
         x = self.emb_drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, positions, kv[i], src_mask, tgt_mask, cache, i)
