@@ -98,3 +98,79 @@ def test_cli_train_translate_eval(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and expect in err, err
+
+
+def _evals(out_dir):
+    return [r for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+
+
+def test_each_evaluation_records_greedy_bleu_and_plots_it(tmp_path):
+    train_seq2seq(ModelConfig(**TINY), _tc(tmp_path, bleu_sentences=20), "dates", progress=False)
+    evals = _evals(tmp_path / "out")
+    assert [r["step"] for r in evals] == [0, 20, 40]
+    assert all(0.0 <= r["val_bleu"] <= 100.0 for r in evals)
+    # the same 20 sentences, decoded and scored the way `minillm eval --metric=bleu` does it
+    model, tok, _ = load_model(tmp_path / "out")
+    pairs = translation_pairs("dates", "val")[:20]
+    expected = score_translations(translate(model, tok, [s for s, _ in pairs]), [t for _, t in pairs], ["bleu"])
+    assert evals[-1]["val_bleu"] == pytest.approx(expected["bleu"])
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 0
+    train_seq2seq(ModelConfig(**TINY), _tc(tmp_path, max_iters=10, eval_interval=10, bleu_sentences=0,
+                                          overwrite=True), "dates", progress=False)
+    assert not any("val_bleu" in r for r in _evals(tmp_path / "out"))
+
+
+def test_a_resumed_run_continues_the_exact_loss_curve(tmp_path):
+    full = _tc(tmp_path, max_iters=40, eval_interval=10, log_interval=1, bleu_sentences=8,
+               out_dir=str(tmp_path / "full"))
+    train_seq2seq(ModelConfig(**TINY), full, "dates", progress=False)
+    half = _tc(tmp_path, max_iters=20, eval_interval=10, log_interval=1, bleu_sentences=8,
+               out_dir=str(tmp_path / "half"))
+    train_seq2seq(ModelConfig(**TINY), half, "dates", progress=False)
+    (tmp_path / "half" / "metrics.jsonl").write_text("")  # the resumed run may not copy the answer from here
+    train_seq2seq(ModelConfig(**TINY), _tc(tmp_path, max_iters=40, eval_interval=10, log_interval=1,
+                                          bleu_sentences=8, out_dir=str(tmp_path / "half"), resume=True),
+                  "dates", progress=False)
+
+    def curve(out, start):
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return ([(r["step"], r["loss"]) for r in records if "loss" in r and r["step"] >= start],
+                [(r["step"], r["val_loss"], r["val_bleu"]) for r in records if "val_loss" in r and r["step"] > start])
+
+    (train_ref, eval_ref), (train_got, eval_got) = curve(tmp_path / "full", 20), curve(tmp_path / "half", 20)
+    assert [s for s, _ in train_got] == list(range(20, 40)) and [e[0] for e in eval_got] == [30, 40]
+    for (s1, a), (s2, b) in zip(train_ref, train_got):
+        assert s1 == s2 and a == pytest.approx(b, abs=1e-6)
+    for ref, got in zip(eval_ref, eval_got):
+        assert got == pytest.approx(ref, abs=1e-6)
+    a, _, _ = load_model(tmp_path / "full")
+    b, _, _ = load_model(tmp_path / "half")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=name)
+    # a finished run resumed with the same max_iters has nothing to do, and says so
+    done = train_seq2seq(ModelConfig(**TINY), _tc(tmp_path, max_iters=40, out_dir=str(tmp_path / "half"),
+                                                  resume=True), "dates", progress=False)
+    assert done["already_done"] and done["step"] == 40
+
+
+def test_encoder_and_decoder_depths_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--objective=seq2seq", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=24",
+            "--max_iters=4", "--eval_interval=4", "--eval_iters=1", "--batch_size=8", "--bleu_sentences=4",
+            "--n_enc_layer=3", "--n_dec_layer=2", f"--out_dir={out}", "--sample_tokens=0"]
+    assert main(args) == 0
+    model, _, meta = load_model(out)
+    assert (meta["seq2seq"]["n_enc_layer"], meta["seq2seq"]["n_dec_layer"]) == (3, 2)
+    assert len(model.encoder.blocks) == 3 and len(model.blocks) == 2
+    assert "val BLEU" in capsys.readouterr().out
+    # resuming keeps the saved depths without repeating them
+    assert main(["train", "--resume=true", f"--out_dir={out}", "--max_iters=6", "--eval_interval=2",
+                 "--sample_tokens=0"]) == 0
+    model, _, meta = load_model(out)
+    assert meta["step"] == 6 and len(model.encoder.blocks) == 3 and len(model.blocks) == 2
+    capsys.readouterr()
+    assert main(["train", "--n_enc_layer=2", f"--out_dir={tmp_path / 'lm'}"]) != 0
+    assert "--n_enc_layer need --objective=seq2seq" in capsys.readouterr().err
+    assert main(["train", "--objective=seq2seq", "--pad_id=3", f"--out_dir={tmp_path / 'x'}"]) != 0
+    assert "--pad_id cannot be set" in capsys.readouterr().err
+    assert not (tmp_path / "lm").exists() and not (tmp_path / "x").exists()

@@ -6,6 +6,7 @@
     minillm train --resume=true --max_iters=4000    continue out/ where it stopped
     minillm eval out                                validation loss and perplexity of a checkpoint
     minillm train --objective=seq2seq --data=dates  the encoder–decoder on a generated task (train/seq2seq.py)
+    minillm train --objective=seq2seq --n_enc_layer=3 --n_dec_layer=1   separate depths (default: n_layer each)
     minillm eval out --metric=bleu,rouge --beam=4   BLEU/ROUGE of a Seq2Seq checkpoint on its held-out split
 """
 
@@ -18,12 +19,13 @@ import sys
 import torch
 
 from minillm.model.config import PRESETS, ModelConfig, split_overrides
+from minillm.model.seq2seq import Seq2SeqConfig
 from minillm.checkpoint import CONFIG_FILE, TOKENIZER_FILE, find_checkpoint, load_model
 from minillm.data.dataset import load_text, prepare_dataset, split_text
 from minillm.generate.sampling import generate_text
 from minillm.hardware import resolve_device
 from minillm.train import RECIPES, TrainConfig, TrainingDiverged, TrainingInterrupted, evaluate, train
-from minillm.train.seq2seq import train_seq2seq
+from minillm.train.seq2seq import SEQ2SEQ_OPTIONS, train_seq2seq
 from minillm.train.state import resume_configs, saved_train_config
 
 SAMPLE_PROMPT = "\n"
@@ -33,14 +35,20 @@ def _field_help(dc) -> str:
     return ", ".join(f.name for f in dataclasses.fields(dc))
 
 
-def build_configs(preset: str, data: str | None, overrides: list[str]) -> tuple[ModelConfig, TrainConfig, str]:
-    """Model and train configs from a preset or recipe, a checkpoint when resuming, and overrides."""
+def build_configs(preset: str, data: str | None, overrides: list[str]) -> tuple[ModelConfig, TrainConfig, str, dict]:
+    """Model and train configs from a preset or recipe, a checkpoint when resuming, and overrides; the
+    fourth item holds the encoder–decoder's own options (--n_enc_layer, --n_dec_layer, --label_smoothing)."""
     # TrainConfig first: its vocab_size is the BPE size asked for; the model's always follows the tokenizer
-    train_changes, model_changes = split_overrides(overrides, TrainConfig, ModelConfig)
+    train_changes, model_changes, seq2seq_changes = split_overrides(overrides, TrainConfig, ModelConfig, Seq2SeqConfig)
+    for key in seq2seq_changes:
+        if key not in SEQ2SEQ_OPTIONS:  # pad_id etc. come from the tokenizer; "model" is ModelConfig itself
+            raise ValueError(f"--{key} cannot be set: the run derives it (settable: "
+                             f"{', '.join('--' + k for k in SEQ2SEQ_OPTIONS)})")
     if train_changes.get("resume"):
         out_dir = train_changes.get("out_dir", TrainConfig.out_dir)
         model_cfg, train_cfg, recorded = resume_configs(out_dir, model_changes, train_changes)
-        return model_cfg, train_cfg, data or recorded
+        _check_seq2seq_options(seq2seq_changes, train_cfg)
+        return model_cfg, train_cfg, data or recorded, seq2seq_changes
     objective = train_changes.get("objective", "clm")
     if objective in ("mlm", "mlm+nsp") and "causal" not in model_changes:
         model_changes["causal"] = False  # a masked LM looks both ways
@@ -51,16 +59,24 @@ def build_configs(preset: str, data: str | None, overrides: list[str]) -> tuple[
     if recipe is not None:
         model_cfg = ModelConfig.from_preset(recipe["preset"], **{**recipe["model"], **model_changes})
         train_cfg = TrainConfig(**{**recipe["train"], **train_changes})
+        _check_seq2seq_options(seq2seq_changes, train_cfg)
         seq2seq = train_cfg.objective == "seq2seq"  # parallel text, not a corpus: its own default data
-        return model_cfg, train_cfg, data or ("dates" if seq2seq else recipe["data"])
-    return ModelConfig.from_preset(preset, **model_changes), TrainConfig(**train_changes), data or "python-docs"
+        return model_cfg, train_cfg, data or ("dates" if seq2seq else recipe["data"]), seq2seq_changes
+    train_cfg = TrainConfig(**train_changes)
+    _check_seq2seq_options(seq2seq_changes, train_cfg)
+    return ModelConfig.from_preset(preset, **model_changes), train_cfg, data or "python-docs", seq2seq_changes
+
+
+def _check_seq2seq_options(changes: dict, tc: TrainConfig) -> None:
+    if changes and tc.objective != "seq2seq":  # a language model has one stack: --n_layer
+        raise ValueError(f"{', '.join('--' + k for k in changes)} need --objective=seq2seq")
 
 
 def cmd_train(args, overrides: list[str]) -> int:
     """Train a model and save checkpoints, metrics and a loss plot to out_dir."""
-    model_cfg, train_cfg, data = build_configs(args.preset, args.data, overrides)
+    model_cfg, train_cfg, data, seq2seq_changes = build_configs(args.preset, args.data, overrides)
     if train_cfg.objective == "seq2seq":
-        return _train_seq2seq(model_cfg, train_cfg, data, args.sample_tokens > 0)
+        return _train_seq2seq(model_cfg, train_cfg, data, args.sample_tokens > 0, seq2seq_changes)
     try:
         result = train(model_cfg, train_cfg, data)
     except TrainingDiverged as e:
@@ -95,15 +111,19 @@ def cmd_train(args, overrides: list[str]) -> int:
     return 0
 
 
-def _train_seq2seq(model_cfg, train_cfg, data: str, show_examples: bool) -> int:
+def _train_seq2seq(model_cfg, train_cfg, data: str, show_examples: bool, seq2seq_changes: dict) -> int:
     from minillm.generate.beam import translate
 
     try:
-        result = train_seq2seq(model_cfg, train_cfg, data)
+        result = train_seq2seq(model_cfg, train_cfg, data, seq2seq=seq2seq_changes)
     except TrainingDiverged as e:
         print(f"minillm train: {e}", file=sys.stderr)
         return 1
     out = result["out_dir"]
+    if result.get("already_done"):
+        print(f"{out} is already trained to step {result['step']} (max_iters={train_cfg.max_iters}): "
+              f"nothing to do; pass a larger --max_iters to train further")
+        return 0
     print(f"done: {result['step']} steps, val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}), "
           f"{result['ms_per_iter']:.1f} ms/iter on {result['device']}; checkpoint and metrics.jsonl in {out}/")
     if show_examples:
@@ -201,6 +221,7 @@ def add_parser(sub) -> None:
                     "Every ModelConfig and TrainConfig field can be set with --key=value. "
                     "Run with torchrun for several processes/GPUs.",
         epilog=f"model options: {_field_help(ModelConfig)}.  train options: {_field_help(TrainConfig)}.  "
+               f"seq2seq options: {', '.join(SEQ2SEQ_OPTIONS)}.  "
                "Recipes: " + "; ".join(f"{k} ({v['data']}, {v['train'].get('max_iters', TrainConfig.max_iters)} iters)"
                                        for k, v in RECIPES.items()) +
                ".  Examples: minillm train | minillm train --preset=shakespeare-char-cpu "

@@ -47,6 +47,9 @@ class TrainConfig:
     tokenizer: str = "char"  # "char" (nanoGPT's shakespeare-char) | "bpe" (byte-level, trained on the data)
     vocab_size: int = 1024  # BPE vocabulary size (ignored by char: its vocabulary is the text's characters)
     cache_dir: str | None = None  # prepared datasets and downloads; None = ~/.cache/minillm
+    # seq2seq: held-out sentences translated greedily at every evaluation for the BLEU curve
+    # (val_bleu in metrics.jsonl and loss.png); 200 keeps it to seconds on a CPU. 0 = no BLEU
+    bleu_sentences: int = 200
     # --- checkpoints -----------------------------------------------------------------------
     out_dir: str = "out"  # checkpoint folder: weights, config, tokenizer, train state, metrics, plot
     always_save_checkpoint: bool = True  # save at every evaluation, not only when val loss improves
@@ -61,6 +64,8 @@ class TrainConfig:
         for name in ("learning_rate", "min_lr", "warmup_iters", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.bleu_sentences < 0:
+            raise ValueError(f"TrainConfig.bleu_sentences must be >= 0, got {self.bleu_sentences}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"TrainConfig.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.tokenizer not in ("char", "bpe"):

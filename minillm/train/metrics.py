@@ -4,6 +4,7 @@ metrics.jsonl has one JSON object per line, appended as the run goes (a crash lo
 it, and `tail -f` follows it):
     {"step": 120, "loss": 2.31, "lr": 0.00098, "ms_per_iter": 54.1, "tokens_per_s": 14190, ...}
     {"step": 250, "train_loss": 2.05, "val_loss": 2.11, "val_ppl": 8.25, ...}          (evaluations)
+    {"step": 250, ..., "val_bleu": 41.3}                      (evaluations of a translation model)
 A train record's step is the optimizer step whose loss it reports (0-based); an eval record's step
 is the number of optimizer steps done before it.
 
@@ -61,7 +62,8 @@ class MetricsLog:
 
 
 def plot_losses(records: list[dict], path: str | Path, title: str = "") -> Path:
-    """Training loss (every logged step) and train/val loss at each evaluation, on one axis."""
+    """Training loss (every logged step) and train/val loss at each evaluation, on one axis; a
+    translation run's evaluations also carry val_bleu, drawn on a second y axis (BLEU, 0-100) on the right."""
     try:
         # a bare Figure draws straight to a file: no pyplot, so no global backend switch that would
         # stop a notebook's own figures from showing, and no display needed (servers, CI)
@@ -87,7 +89,16 @@ def plot_losses(records: list[dict], path: str | Path, title: str = "") -> Path:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title or "minillm training")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    bleu = [(r["step"], r["val_bleu"]) for r in evals if "val_bleu" in r]
+    if bleu:  # loss falls while BLEU rises, on another scale: its own axis, one legend for both
+        fig.subplots_adjust(right=0.9)
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*bleu), "s-", ms=3, color="tab:green", label="val BLEU (greedy)")
+        ax2.set_ylabel("BLEU")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels)
     path = Path(path)
     with atomic_write(path, suffix=".png") as tmp:  # matplotlib picks the format from the suffix
         fig.savefig(tmp)
