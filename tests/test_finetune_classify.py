@@ -188,3 +188,16 @@ def test_cli_empty_split_lora_on_quantized_and_vocabulary_mismatch(tmp_path, cap
         load_model(base)
     assert main(["finetune", base, f"--data={tiny_task(tmp_path)}", f"--out_dir={tmp_path / 'o'}"]) == 2
     assert "different models" in capsys.readouterr().err
+
+
+def test_pooling_can_be_chosen_and_reinit_starts_from_random_weights(tmp_path):
+    lm, tok = encoder()
+    cfg = FinetuneConfig(data=str(tiny_task(tmp_path)), max_iters=2, eval_interval=2, pooling="mean", reinit=True,
+                         out_dir=str(tmp_path / "out"))
+    r = finetune_classifier(lm, tok, cfg, progress=False, say=lambda s: None)
+    assert r["model"].pooling == "mean" and r["model"].pooler is None
+    assert not torch.equal(r["model"].transformer.tok_emb.weight, lm.transformer.tok_emb.weight)  # not lm's weights
+    with pytest.raises(ValueError, match="pooling=cls needs"):
+        build_classifier(decoder()[0], decoder()[1], ["a", "b"], "cls")
+    with pytest.raises(ValueError, match="pooling must be"):
+        FinetuneConfig(pooling="max")

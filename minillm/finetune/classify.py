@@ -83,14 +83,18 @@ def dev_loss(model, rows, labels, pad, device, batch_size: int = 64) -> float:
     return total / len(rows)
 
 
-def build_classifier(lm, tokenizer, labels: list[str]) -> tuple[SequenceClassifier, bool]:
-    """(classifier on lm's trunk, whether inputs are [CLS]/[SEP]-wrapped). An encoder whose tokenizer
-    has [CLS] and [SEP] reads [CLS] through a pooler (the pre-trained one if lm has it); an encoder
-    without them averages its tokens; a decoder reads its last token."""
+def build_classifier(lm, tokenizer, labels: list[str], pooling: str = "auto") -> tuple[SequenceClassifier, bool]:
+    """(classifier on lm's trunk, whether inputs are [CLS]/[SEP]-wrapped). By default an encoder whose
+    tokenizer has [CLS] and [SEP] reads [CLS] through a pooler (the pre-trained one if lm has it); an
+    encoder without them averages its tokens; a decoder reads its last token."""
     if not hasattr(lm, "transformer") or not hasattr(lm.cfg, "causal"):
         raise ValueError(f"fine-tuning classifies with a CausalLM or a MaskedLM trunk, not a {type(lm).__name__}")
     wrap = not lm.cfg.causal and all(s in tokenizer.special_tokens for s in ("[CLS]", "[SEP]"))
-    pooling = "last" if lm.cfg.causal else ("cls" if wrap else "mean")
+    if pooling == "auto":
+        pooling = "last" if lm.cfg.causal else ("cls" if wrap else "mean")
+    if pooling == "cls" and not wrap:
+        raise ValueError("pooling=cls needs an encoder whose tokenizer has [CLS] and [SEP] "
+                         "(pre-train with --objective=mlm+nsp); use --pooling=mean")
     return SequenceClassifier.from_pretrained(lm, labels, pooling), wrap
 
 
@@ -106,7 +110,7 @@ def finetune_classifier(lm, tokenizer, cfg: FinetuneConfig, *, base: str = "", d
     if cfg.reinit:
         lm = fresh_copy(lm, cfg.seed)
     torch.manual_seed(cfg.seed)  # the fresh head's initial weights
-    model, wrap = build_classifier(lm, tokenizer, data.labels)
+    model, wrap = build_classifier(lm, tokenizer, data.labels, cfg.pooling)
     model.to(device)
     T = model.cfg.block_size
     train_rows, train_cut = encode_texts([t for t, _ in data.train], tokenizer, T, wrap)

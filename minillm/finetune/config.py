@@ -26,6 +26,9 @@ class FinetuneConfig:
     text_column: str = "text"  # column/key of the text in a local file (SST-2's is "sentence", set for you)
     label_column: str = "label"  # column/key of the label: integers, or strings (mapped in sorted order)
     template: str = "alpaca"  # instruct: the prompt format, see finetune/instruct.py
+    pooling: str = "auto"  # classify: which vector the head reads. auto = [CLS] for an encoder whose tokenizer
+    #                        has it, else the mean of the tokens; the last token for a decoder. "mean" helps an
+    #                        encoder whose pre-training never taught [CLS] anything (NSP still at chance)
     # --- how: full, frozen trunk, or LoRA --------------------------------------------------------
     freeze_trunk: bool = False  # train only the head, BERT's pooler included (a probe of the pre-trained features)
     lora_rank: int = 0  # > 0: LoRA adapters of this rank (Hu et al. 2021); the trunk's weights stay frozen
@@ -37,8 +40,8 @@ class FinetuneConfig:
     save_adapter: bool = True  # LoRA: also write the adapter alone (OUT/adapter/) beside the merged model
     # --- optimisation ----------------------------------------------------------------------
     max_iters: int = 300  # optimizer steps
-    batch_size: int = 16  # examples per step
-    learning_rate: float = 3e-4  # peak; LoRA and linear probes often like ~1e-3
+    batch_size: int = 32  # examples per step
+    learning_rate: float = 1e-3  # peak, for the small models of this engine; BERT-base takes 2e-5..5e-5
     min_lr: float = 3e-5  # floor of the cosine decay
     warmup_iters: int = 20  # linear warm-up: a fresh head's first gradients are large
     weight_decay: float = 0.01  # on 2-D weights (BERT fine-tuning's 0.01)
@@ -63,6 +66,8 @@ class FinetuneConfig:
                 raise ValueError(f"FinetuneConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.dev_fraction < 1.0:
             raise ValueError(f"FinetuneConfig.dev_fraction must be in (0, 1), got {self.dev_fraction}")
+        if self.pooling not in ("auto", "cls", "last", "mean"):
+            raise ValueError(f"FinetuneConfig.pooling must be auto, cls, last or mean, got {self.pooling!r}")
         if self.freeze_trunk and self.lora_rank:
             raise ValueError("choose one of freeze_trunk=true (linear probe) and lora_rank>0 (LoRA), not both")
         if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
