@@ -214,3 +214,15 @@ def test_the_grafana_dashboard_charts_metrics_that_exist(server):
     dash = json.loads((Path(__file__).parent.parent / "sky" / "grafana-dashboard.json").read_text())
     used = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"minillm_\w+", t["expr"])}
     assert used and used <= exposed, used - exposed
+
+
+def test_the_engine_names_what_it_cannot_serve():
+    from minillm.generate.batching import BatchEngine
+    from minillm.model.seq2seq import Seq2Seq, Seq2SeqConfig
+    from minillm.model.transformer import MaskedLM
+
+    with pytest.raises(ValueError, match="minillm translate"):
+        BatchEngine(Seq2Seq(Seq2SeqConfig(ModelConfig(vocab_size=20, n_embd=16, n_head=2), n_enc_layer=1,
+                                          n_dec_layer=1)), TOK)
+    with pytest.raises(ValueError, match="a MaskedLM"):
+        BatchEngine(MaskedLM(ModelConfig(vocab_size=20, n_embd=16, n_head=2, n_layer=1, causal=False)), TOK)

@@ -178,7 +178,11 @@ class BatchEngine:
     def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 64,
                  eos_id: int | None = None, seed: int = 0):
         if not getattr(model.cfg, "causal", False):
-            raise ValueError("serving needs a causal LM (GPT-style); this checkpoint is a masked LM")
+            # an encoder–decoder would need an encoder pass and a cross-attention cache per row, which
+            # this engine (one decoder KV cache row per completion) does not have: `minillm translate`
+            hint = ("an encoder–decoder; translate with `minillm translate`" if type(model).__name__ == "Seq2Seq"
+                    else f"a {type(model).__name__}")
+            raise ValueError(f"serving needs a causal LM (GPT-style); this checkpoint is {hint}")
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got "
                              f"{max_batch_size} and {max_queue}")
