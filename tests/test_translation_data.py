@@ -90,3 +90,16 @@ def test_collate_builds_teacher_forcing_batches():
     assert tgt_in.tolist() == [[1, 8, 0], [1, 9, 10]]  # BOS then the target, right-padded
     assert tgt_out.tolist() == [[8, 2, 0], [9, 10, 2]]  # the target then EOS: shifted by one
     assert src.dtype == tgt_in.dtype == tgt_out.dtype == torch.long
+
+
+def test_headlines_are_a_summarization_task_derived_from_the_shipped_docs():
+    from minillm.data.translation import docs_headlines, translation_pairs
+
+    pairs = docs_headlines()
+    assert len(pairs) > 100 and pairs == docs_headlines()  # shipped with CPython, the same every time
+    assert all(src and tgt and "\n" not in src and len(tgt) < len(src) + 80 for src, tgt in pairs)
+    assert ('Assert statements are a convenient way to insert debugging assertions into a program:',
+            'The "assert" statement') in pairs
+    train, val = translation_pairs("headlines", "train"), translation_pairs("headlines", "val")
+    assert len(train) + len(val) == len(pairs) and not set(train) & set(val)
+    assert translation_pairs("headlines", "test") == val

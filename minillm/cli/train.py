@@ -234,7 +234,8 @@ def add_parser(sub) -> None:
                         f"sinusoidal positions on python-docs): {', '.join(choices)}")
     p.add_argument("--data", default=None,
                    help="python-docs (default, offline), shakespeare (downloaded once), or a .txt file/folder; "
-                        "with --objective=seq2seq: dates (default, offline), multi30k, or SRC_FILE,TGT_FILE")
+                        "with --objective=seq2seq: dates (default, offline), multi30k, headlines (summarization, offline), "
+                        "or SRC_FILE,TGT_FILE")
     p.add_argument("--sample_tokens", type=int, default=300,
                    help="tokens of text to sample from the trained model at the end (0: none)")
     p.set_defaults(func=cmd_train)

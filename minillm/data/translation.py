@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import gzip
 import random
+import re
 import urllib.error
 from pathlib import Path
 
@@ -129,6 +130,31 @@ def multi30k(split: str = "train", src_lang: str = "de", tgt_lang: str = "en",
                          multi30k_file(f"{stem}.{tgt_lang}.gz", cache_dir))
 
 
+# --- a summarization-style task derived from the shipped corpus -------------------------------------
+
+_SECTION = re.compile(r"([^\n]+)\n([*=\-]{3,})\n\n(.+?)(?:\n\n|$)", re.S)
+
+
+def docs_headlines() -> list[tuple[str, str]]:
+    """(paragraph, heading) pairs from the Python documentation topics every CPython ships
+    (pydoc_data.topics, the `python-docs` corpus): each section's first paragraph is the source, its
+    heading the target. Headline generation, a summarization task in the style of Gigaword (Rush et
+    al. 2015), scored with ROUGE; derived from a shipped corpus, so it needs no download. Small: about
+    two hundred pairs, a task to exercise the pipeline and the metric, not to rank models."""
+    from pydoc_data.topics import topics
+
+    pairs = []
+    for name in sorted(topics):
+        for heading, underline, body in _SECTION.findall(topics[name]):
+            if len(underline) != len(heading.rstrip()):  # an underline is exactly as long as its heading
+                continue
+            paragraph = " ".join(body.split())  # one line: the paragraph's own line breaks carry nothing
+            if heading.strip() and paragraph:
+                pairs.append((paragraph, heading.strip()))
+    # some sections appear under several topics: keep each pair once, so none is both trained and held out
+    return list(dict.fromkeys(pairs))
+
+
 # --- one name for each source, one held-out split -----------------------------------------------
 
 DATES_SIZES = {"train": 20_000, "val": 500, "test": 500}  # generated: as many as asked, different seeds
@@ -140,6 +166,7 @@ def translation_pairs(source: str, split: str = "train", cache_dir: str | Path |
     """Pairs of one split of a named source, the same every call (training and `minillm eval` agree):
         "dates"               date_pairs, seed 0/1/2 for train/val/test (n overrides the size)
         "multi30k"            de -> en; test = test2016
+        "headlines"           docs_headlines: every 10th pair is held out ("val" and "test")
         "SRC_FILE,TGT_FILE"   load_parallel; the last 5% of lines are "val" (and "test"), the rest "train"
     """
     if split not in ("train", "val", "test"):
@@ -148,6 +175,8 @@ def translation_pairs(source: str, split: str = "train", cache_dir: str | Path |
         return date_pairs(n or DATES_SIZES[split], seed=("train", "val", "test").index(split))
     if source == "multi30k":
         pairs = multi30k(split, cache_dir=cache_dir)
+    elif source == "headlines":
+        pairs = [p for i, p in enumerate(docs_headlines()) if (i % 10 == 9) == (split != "train")]
     elif source.count(",") == 1:
         pairs = load_parallel(*source.split(","))
         held = max(1, int(len(pairs) * HELD_OUT_FRACTION))
@@ -155,7 +184,7 @@ def translation_pairs(source: str, split: str = "train", cache_dir: str | Path |
             raise ValueError(f"{source}: {len(pairs)} pair(s); need at least 2 (one to train, one held out)")
         pairs = pairs[:-held] if split == "train" else pairs[-held:]
     else:
-        raise ValueError(f"unknown translation data {source!r}: use dates, multi30k or SRC_FILE,TGT_FILE")
+        raise ValueError(f"unknown translation data {source!r}: use dates, multi30k, headlines or SRC_FILE,TGT_FILE")
     return pairs[:n] if n else pairs
 
 
