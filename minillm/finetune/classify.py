@@ -58,29 +58,20 @@ def collate(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def predict(model: SequenceClassifier, rows: list[list[int]], pad: int, device, batch_size: int = 64):
-    """(predicted label ids, mean loss) over rows; labels optional."""
+def score(model: SequenceClassifier, rows: list[list[int]], labels: list[int], pad: int, device,
+          batch_size: int = 64) -> tuple[list[int], float]:
+    """(predicted label ids, mean loss) over rows, in one pass of the model."""
     was = model.training
     model.eval()
-    preds = []
-    for i in range(0, len(rows), batch_size):
-        idx, mask = collate(rows[i:i + batch_size], pad, device)
-        preds += model(idx, attention_mask=mask)[0].argmax(-1).tolist()
-    model.train(was)
-    return preds
-
-
-@torch.no_grad()
-def dev_loss(model, rows, labels, pad, device, batch_size: int = 64) -> float:
-    was = model.training
-    model.eval()
-    total = 0.0
+    preds, total = [], 0.0
     for i in range(0, len(rows), batch_size):
         idx, mask = collate(rows[i:i + batch_size], pad, device)
         y = torch.tensor(labels[i:i + batch_size], device=device)
-        total += model(idx, y, attention_mask=mask)[1].item() * len(y)
+        logits, loss = model(idx, y, attention_mask=mask)
+        preds += logits.argmax(-1).tolist()
+        total += loss.item() * len(y)
     model.train(was)
-    return total / len(rows)
+    return preds, total / len(rows)
 
 
 def build_classifier(lm, tokenizer, labels: list[str], pooling: str = "auto") -> tuple[SequenceClassifier, bool]:
@@ -132,10 +123,12 @@ def finetune_classifier(lm, tokenizer, cfg: FinetuneConfig, *, base: str = "", d
         idx, mask = collate([train_rows[i] for i in pick], pad, device)
         return {"idx": idx, "labels": torch.tensor([train_y[i] for i in pick], device=device), "attention_mask": mask}
 
+    last = {}
+
     def evaluate():
-        report = classification_report(dev_y, predict(model, dev_rows, pad, device), data.labels)
-        return {"val_loss": dev_loss(model, dev_rows, dev_y, pad, device), "val_acc": report["accuracy"],
-                "val_macro_f1": report["macro"]["f1"]}
+        preds, loss = score(model, dev_rows, dev_y, pad, device)
+        last["report"] = classification_report(dev_y, preds, data.labels)  # the final one is the run's report
+        return {"val_loss": loss, "val_acc": last["report"]["accuracy"], "val_macro_f1": last["report"]["macro"]["f1"]}
 
     meta = {"base": base, "finetune": {**vars(cfg), "mode": cfg.mode}, "data": data.source,
             "classifier": {"labels": data.labels, "pooling": model.pooling, "wrap": wrap}}
@@ -143,6 +136,5 @@ def finetune_classifier(lm, tokenizer, cfg: FinetuneConfig, *, base: str = "", d
                  meta=meta, device=device, progress=progress,
                  describe=lambda ev: f"step {ev['step']}: dev loss {ev['val_loss']:.4f}, accuracy {ev['val_acc']:.1%}, "
                                      f"macro F1 {ev['val_macro_f1']:.3f}")
-    report = classification_report(dev_y, predict(model, dev_rows, pad, device), data.labels)
-    return {**result, "report": report, "params": counts, "truncated": {"train": train_cut, "dev": dev_cut},
+    return {**result, "report": last["report"], "params": counts, "truncated": {"train": train_cut, "dev": dev_cut},
             "n_train": len(train_rows), "n_dev": len(dev_rows), "labels": data.labels, "model": model}
