@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm.model.config import ModelConfig
+from minillm.model.layers import dropout
 
 
 def causal_mask(Tq: int, Tk: int, device=None, window: int | None = None) -> torch.Tensor:
@@ -54,8 +55,13 @@ def causal_mask(Tq: int, Tk: int, device=None, window: int | None = None) -> tor
 def build_mask(Tq: int, Tk: int, causal: bool, key_padding_mask: torch.Tensor | None,
                device=None, window: int | None = None) -> torch.Tensor | None:
     """Combine the causal (and window) and key-padding masks into one boolean mask broadcastable to
-    (B, H, Tq, Tk)."""
-    mask = causal_mask(Tq, Tk, device, window) if causal else None  # (Tq, Tk)
+    (B, H, Tq, Tk), or None when nothing is hidden.
+
+    One query after Tk - 1 cached keys (a decode step) is the last position: the causal mask lets
+    it see every key, so without a window or padding there is no mask to build (saving the
+    arange/compare/masked_fill work that decoding would otherwise pay for every token)."""
+    hides = causal and (Tq > 1 or (window is not None and Tk > window))
+    mask = causal_mask(Tq, Tk, device, window) if hides else None  # (Tq, Tk)
     if key_padding_mask is not None:
         pad = key_padding_mask.bool()[:, None, None, :]  # (B, 1, 1, Tk)
         mask = pad if mask is None else mask & pad  # (B, 1, Tq, Tk)
@@ -204,9 +210,10 @@ def attention_dispatch(impl: str, q, k, v, causal: bool, key_padding_mask, dropo
             else:  # older PyTorch: copy each K/V head G times (what enable_gqa avoids)
                 G = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H, Tk, D)
-        if key_padding_mask is None and window is None and (not causal or Tq == Tk):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal and Tq > 1,
-                                                  **gqa)
+        if key_padding_mask is None and window is None and (not causal or Tq == Tk or Tq == 1):
+            # Tq == Tk: SDPA's own causal mask; Tq == 1: a decode step sees every key, no mask at all
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
+                                                  is_causal=causal and Tq == Tk and Tq > 1, **gqa)
         # SDPA's is_causal is top-left aligned and has no window, so pass our mask explicitly
         mask = build_mask(Tq, Tk, causal, key_padding_mask, q.device, window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
@@ -243,10 +250,10 @@ class MultiHeadAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.rate("resid"))
 
     def forward(self, x, positions, key_padding_mask=None, cache: KVCache | None = None, layer: int = 0):
-        # (B, T, H·D) queries, (B, T, H_kv·D) keys and values
-        q, k, v = self.qkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
-        q = split_heads(q, self.n_head)  # (B, H, T, D)
-        k, v = split_heads(k, self.n_kv_head), split_heads(v, self.n_kv_head)  # 2 × (B, H_kv, T, D)
+        # the qkv output is H query heads, then H_kv key and H_kv value heads, D channels each:
+        # split_heads of all of them at once, then cut along the head axis (views, no copies)
+        heads = split_heads(self.qkv(x), self.n_head + 2 * self.n_kv_head)  # (B, H + 2·H_kv, T, D)
+        q, k, v = heads.split_with_sizes([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
         if self.rotary is not None:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         if cache is not None:
@@ -257,4 +264,4 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.cfg.rate("attn") if self.training else 0.0
         y = attention_dispatch(self.cfg.attention, q, k, v, self.cfg.causal, key_padding_mask, dropout_p,
                                self.cfg.sliding_window)
-        return self.resid_drop(self.proj(merge_heads(y)))  # (B, T, C)
+        return dropout(self.resid_drop, self.proj(merge_heads(y)))  # (B, T, C)

@@ -51,6 +51,12 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype) * self.weight.to(x.dtype)
 
 
+def dropout(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """drop(x) while training. In eval mode dropout is the identity, so even the module call is
+    skipped: decoding a small model one token at a time is bound by such per-call overheads."""
+    return drop(x) if drop.training and drop.p > 0 else x
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)

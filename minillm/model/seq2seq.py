@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from minillm.model.attention import KVCache, MultiHeadAttention, attention_dispatch, merge_heads, split_heads
 from minillm.model.config import ModelConfig
-from minillm.model.layers import FeedForward, make_norm
+from minillm.model.layers import FeedForward, dropout, make_norm
 from minillm.model.positional import Rotary, make_additive_positions
 from minillm.model.transformer import Transformer, init_weights
 
@@ -106,7 +106,7 @@ class CrossAttention(nn.Module):
         # causal=False: every target position may read the whole source; src_mask (B, S) hides padding.
         # attention_dispatch handles Tq ≠ Tk with a key-padding mask for all three implementations.
         y = attention_dispatch(self.cfg.attention, q, k, v, False, src_mask, dropout_p)  # (B, H, T, D)
-        return self.resid_drop(self.proj(merge_heads(y)))  # (B, T, C)
+        return dropout(self.resid_drop, self.proj(merge_heads(y)))  # (B, T, C)
 
 
 class DecoderBlock(nn.Module):
@@ -126,11 +126,11 @@ class DecoderBlock(nn.Module):
         if self.prenorm:
             x = x + self.self_attn(self.norm1(x), positions, tgt_mask, cache, layer)
             x = x + self.cross_attn(self.norm2(x), kv, src_mask)
-            x = x + self.ffn_drop(self.ffn(self.norm3(x)))
+            x = x + dropout(self.ffn_drop, self.ffn(self.norm3(x)))
         else:
             x = self.norm1(x + self.self_attn(x, positions, tgt_mask, cache, layer))
             x = self.norm2(x + self.cross_attn(x, kv, src_mask))
-            x = self.norm3(x + self.ffn_drop(self.ffn(x)))
+            x = self.norm3(x + dropout(self.ffn_drop, self.ffn(x)))
         return x  # (B, T, C)
 
 
@@ -209,7 +209,7 @@ class Seq2Seq(nn.Module):
             x = x + self.pos_emb(positions)
         if self.emb_norm is not None:
             x = self.emb_norm(x)
-        x = self.emb_drop(x)
+        x = dropout(self.emb_drop, x)
         for i, block in enumerate(self.blocks):
             x = block(x, positions, kv[i], src_mask, tgt_mask, cache, i)
         if cache is not None:

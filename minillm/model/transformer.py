@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from minillm.model.attention import KVCache, MultiHeadAttention
 from minillm.model.config import ModelConfig
-from minillm.model.layers import ACTIVATION_FNS, FeedForward, Pooler, make_norm, silu
+from minillm.model.layers import ACTIVATION_FNS, FeedForward, Pooler, dropout, make_norm, silu
 from minillm.model.losses import IGNORE_INDEX, causal_lm_loss, cross_entropy, mlm_loss
 from minillm.model.positional import Rotary, make_additive_positions
 
@@ -41,10 +41,10 @@ class Block(nn.Module):
     def forward(self, x, positions, key_padding_mask=None, cache=None, layer=0):  # (B, T, C) -> (B, T, C)
         if self.prenorm:
             x = x + self.attn(self.norm1(x), positions, key_padding_mask, cache, layer)
-            x = x + self.ffn_drop(self.ffn(self.norm2(x)))
+            x = x + dropout(self.ffn_drop, self.ffn(self.norm2(x)))
         else:
             x = self.norm1(x + self.attn(x, positions, key_padding_mask, cache, layer))
-            x = self.norm2(x + self.ffn_drop(self.ffn(x)))
+            x = self.norm2(x + dropout(self.ffn_drop, self.ffn(x)))
         return x
 
 
@@ -87,7 +87,7 @@ class Transformer(nn.Module):
             x = x + self.type_emb(types)
         if self.emb_norm is not None:
             x = self.emb_norm(x)
-        x = self.emb_drop(x)
+        x = dropout(self.emb_drop, x)
         for i, block in enumerate(self.blocks):
             x = block(x, positions, key_padding_mask, cache, i)
         if cache is not None:
