@@ -264,3 +264,100 @@ def test_batch_engine_refuses_a_sliding_window_model():
     model = tiny_model("rotary", sliding_window=8)
     with pytest.raises(ValueError, match="sliding_window=8"):
         BatchEngine(model, CharTokenizer.from_text(TEXT))
+
+
+# --- what `minillm generate` and `minillm serve` run: the fused twins of the written-out layers ---
+
+@pytest.mark.parametrize("kw", [dict(), dict(positional="rotary", norm="rmsnorm", activation="swiglu", n_kv_head=1),
+                                dict(positional="learned", sliding_window=6), dict(activation="gelu_tanh")])
+def test_for_inference_computes_the_same_function(kw):
+    from minillm.model.builtin_ops import for_inference
+
+    readable = tiny_model(**kw)
+    fast = tiny_model(**kw)
+    before = {k: v.clone() for k, v in fast.state_dict().items()}
+    for_inference(fast)
+    assert fast.cfg.attention == "sdpa" and readable.cfg.attention == "naive"
+    assert {k: v for k, v in fast.state_dict().items()}.keys() == before.keys()  # checkpoints unchanged
+    assert all(torch.equal(before[k], v) for k, v in fast.state_dict().items())
+    assert not any(type(m).__module__ == "minillm.model.layers" and "Norm" in type(m).__name__
+                   for m in fast.modules())  # every written-out norm was swapped
+    idx, mask = left_pad([[3, 4, 5, 6, 7, 8, 9], [1, 2]])
+    with torch.no_grad():
+        want = readable(idx, key_padding_mask=mask)[0]
+        got = fast(idx, key_padding_mask=mask)[0]
+    real = mask[:, :, None].expand_as(want)  # pad positions' outputs are never used
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(generate(fast, idx, 30, 0.0, key_padding_mask=mask),
+                       generate(readable, idx, 30, 0.0, key_padding_mask=mask))  # past block_size too
+
+
+def test_for_inference_keeps_an_explicit_attention():
+    from minillm.model.builtin_ops import for_inference
+
+    model = for_inference(tiny_model(), attention=False)
+    assert model.cfg.attention == "naive"
+
+
+# --- flat decode steps (minillm/generate/flat.py): the modules' ops without the module tree -----
+
+FLAT_CONFIGS = [dict(), dict(positional="learned", prenorm=False), dict(positional="rotary", norm="rmsnorm",
+                activation="swiglu", n_kv_head=1, bias=False), dict(positional="none", sliding_window=5),
+                dict(attention="sdpa", activation="relu", tie_weights=False)]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kw", FLAT_CONFIGS)
+def test_flat_decode_step_is_bit_identical_to_the_modules(kw, fused):
+    from minillm.generate.flat import FlatDecoder
+    from minillm.model.builtin_ops import for_inference
+
+    model = tiny_model(**kw)
+    if fused:
+        for_inference(model)
+    flat = FlatDecoder.build(model)
+    assert flat is not None
+    idx, mask = left_pad([[3, 4, 5, 6, 7, 8, 9, 10], [1, 2, 3]])  # a padded row: explicit positions
+    for padded in (False, True):
+        kpm = mask if padded else None
+        pos = (mask.long().cumsum(-1) - 1).clamp_min(0) if padded else None
+        c1, c2 = model.new_cache(2), model.new_cache(2)
+        with torch.no_grad():
+            model(idx[:, :5], positions=None if pos is None else pos[:, :5],
+                  key_padding_mask=None if kpm is None else kpm[:, :5], cache=c1)
+            model(idx[:, :5], positions=None if pos is None else pos[:, :5],
+                  key_padding_mask=None if kpm is None else kpm[:, :5], cache=c2)
+            for t in range(5, 8):  # three decode steps, each through the modules and flat
+                p = None if pos is None else pos[:, t:t + 1]
+                m = None if kpm is None else kpm[:, :t + 1]
+                want = model(idx[:, t:t + 1], positions=p, key_padding_mask=m, cache=c1)[0][:, -1]
+                got = flat.step(idx[:, t:t + 1], c2, p, m)
+                assert torch.equal(got, want)
+        assert c1.length == c2.length == 8
+
+
+def test_flat_decode_generates_the_same_tokens_and_steps_aside_for_hooks():
+    from minillm.generate.flat import FlatDecoder
+
+    model = tiny_model(positional="rotary", n_kv_head=1)
+    idx, mask = left_pad([[3, 4, 5, 6, 7], [1, 2]])
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    want = generate(model, idx, 40, 0.9, top_k=20, generator=g(), key_padding_mask=mask)  # past block_size
+    got = generate(model, idx, 40, 0.9, top_k=20, generator=g(), key_padding_mask=mask, flat_decode=True)
+    assert torch.equal(got, want)
+    seen = []
+    handle = model.transformer.blocks[0].attn.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    assert FlatDecoder.build(model) is None  # a hook must fire: the modules run
+    generate(model, idx, 3, 0.0, flat_decode=True)
+    handle.remove()
+    assert len(seen) == 3  # the prefill and two decode steps, each through the hooked module
+    model.train()
+    assert FlatDecoder.build(model) is None  # training mode (dropout) is the modules' business
+
+
+def test_flat_decode_runs_quantized_layers_through_their_own_forward():
+    from minillm.compress.quant import quantize_model
+
+    model = quantize_model(tiny_model(), "int8", 128, False, False, backend="reference")
+    idx = prompt()
+    assert torch.equal(generate(model, idx, 30, 0.0, flat_decode=True), generate(model, idx, 30, 0.0))

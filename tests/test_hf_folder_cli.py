@@ -50,7 +50,12 @@ def test_load_model_takes_the_folder_and_matches_hugging_face(hf_folder):
 
 def test_generate_quantize_and_serve_accept_the_folder(hf_folder, tmp_path, capsys, monkeypatch):
     assert main(["generate", str(hf_folder), "--prompt=def ", "--max_new_tokens=6", "--temperature=0"]) == 0
-    assert capsys.readouterr().out.startswith("def ")
+    fused = capsys.readouterr().out
+    assert fused.startswith("def ")
+    # --readable runs the written-out layers: the same greedy text as the fused default
+    assert main(["generate", str(hf_folder), "--prompt=def ", "--max_new_tokens=6", "--temperature=0",
+                 "--readable"]) == 0
+    assert capsys.readouterr().out == fused
     assert main(["quantize", str(hf_folder), "--scheme=int8", f"--out={tmp_path / 'q'}", "--gen_tokens=4"]) == 0
     assert "quantized" in capsys.readouterr().out
     assert load_model(tmp_path / "q")[2]["quantization"]["scheme"] == "int8"

@@ -106,6 +106,17 @@ def test_tiny_temperature_samples_the_argmax_not_nan(temperature, top_k, top_p):
     assert ids.shape == (6,) and bool(((ids >= 0) & (ids < 50)).all())
 
 
+@pytest.mark.parametrize("temperature", [1e29, 1e31, 1e300, 1.7e308])
+def test_huge_temperature_samples_every_finite_logit_never_nan(temperature):
+    # -inf / inf is NaN in float32 (1e31 and beyond are inf there): such τ divide in float64
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(0))
+    logits[1, 5:] = float("-inf")  # only tokens 0..4 may be drawn from row 1
+    draws = torch.stack([sample_next(logits, temperature, generator=torch.Generator().manual_seed(s))
+                         for s in range(200)])  # (200, 3)
+    assert bool((draws[:, 1] < 5).all())
+    assert len(set(draws[:, 0].tolist())) > 10  # τ → ∞ flattens the distribution: most tokens appear
+
+
 def test_sampling_at_normal_temperature_draws_from_softmax_z_over_tau():
     # the max shift and float64 division must not change the distribution: same generator state,
     # same draws as torch.multinomial on the textbook softmax(z / τ)

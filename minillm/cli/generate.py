@@ -21,6 +21,7 @@ from minillm.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
 from minillm.finetune.instruct import format_prompt
 from minillm.generate.sampling import generate_text
 from minillm.hardware import resolve_device, resolve_dtype
+from minillm.model.builtin_ops import for_inference
 from minillm.model.config import ModelConfig, split_overrides
 
 
@@ -38,6 +39,10 @@ def cmd_generate(args, overrides: list[str]) -> int:
         raise FileNotFoundError(f"{folder / TOKENIZER_FILE}: missing, so the prompt cannot be encoded")
     if dtype != torch.float32:
         model = model.to(dtype)
+    if not args.readable:
+        # PyTorch's fused norms, activations and attention: the same function, faster (an explicit
+        # --attention=... is kept as asked)
+        for_inference(model, attention="attention" not in model_changes)
     prompts = []
     for p in args.prompt or ["\n"]:
         if p.startswith("FILE:"):  # nanoGPT's convention for long prompts
@@ -52,7 +57,8 @@ def cmd_generate(args, overrides: list[str]) -> int:
     rows = [p for p in prompts for _ in range(args.num_samples)]
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              use_cache=not args.no_cache, generator=gen, stop=stop, window_stride=args.window_stride)
+              use_cache=not args.no_cache, generator=gen, stop=stop, window_stride=args.window_stride,
+              flat_decode=not args.readable)
     t0, n_tokens, counts = time.perf_counter(), 0, []
     if args.batch and len(rows) > 1:
         # all rows in one left-padded batch: faster, printed when done
@@ -112,6 +118,10 @@ def add_parser(sub) -> None:
                    help="past block_size, re-prefill the last block_size-K+1 tokens every K tokens "
                         "(default block_size//4; 1 = nanoGPT's exact sliding window, slower)")
     p.add_argument("--batch", action="store_true", help="run all samples as one left-padded batch")
+    p.add_argument("--readable", action="store_true",
+                   help="run minillm's written-out layers and modules (the code you read) instead of "
+                        "PyTorch's fused norms, activations and attention and flat decode steps "
+                        "(minillm/generate/flat.py): the same function, slower")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weight precision for generation (bf16/fp16 on GPU)")

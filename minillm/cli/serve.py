@@ -41,6 +41,7 @@ def cmd_serve(args, overrides: list[str]) -> int:
     except ImportError as e:
         raise ImportError(f"minillm serve needs uvicorn: pip install 'minillm[serve]' ({e})") from e
 
+    from minillm.model.builtin_ops import for_inference
     from minillm.model.pretrained import is_hf_folder
     from minillm.serve.api import build_app
     from minillm.serve.metrics import setup_access_log
@@ -56,7 +57,10 @@ def cmd_serve(args, overrides: list[str]) -> int:
 
     def load(folder):  # float or quantized checkpoint, or a Hugging Face folder
         model, tokenizer, meta = load_model(folder, device=device, **changes)
-        return model.to(dtype=dtype), tokenizer, meta
+        model = model.to(dtype=dtype)
+        if not args.readable:  # PyTorch's fused norms, activations and attention: same function, faster
+            for_inference(model, attention="attention" not in changes)
+        return model, tokenizer, meta
 
     registry = Registry(load, args.max_batch_size, args.max_queue, args.seed)
     specs = _model_specs(args.checkpoints, args.model_name)
@@ -144,6 +148,9 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch's matmuls (default: PyTorch's choice, one per core)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling requests that give none")
+    p.add_argument("--readable", action="store_true",
+                   help="serve with minillm's written-out layers instead of PyTorch's fused norms, "
+                        "activations and attention: the same function, slower")
     p.add_argument("--log-level", "--log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's own log level (requests are logged by --access-log)")

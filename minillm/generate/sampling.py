@@ -59,6 +59,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from minillm.generate.flat import FlatDecoder
 
 # --- choosing the next token ------------------------------------------------------------------
 
@@ -66,7 +67,8 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row (ties at the k-th value are kept), -inf the rest."""
     if k <= 0:
         raise ValueError(f"top_k must be positive, got {k}")
-    k = min(k, logits.shape[-1])
+    if k >= logits.shape[-1]:
+        return logits  # every token is among the k largest: nothing to filter
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1) the k-th largest value
     return logits.masked_fill(logits < kth, float("-inf"))
 
@@ -92,18 +94,22 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     Written so that no temperature > 0 can turn a row into NaN: softmax(z / τ) is computed as
     softmax((z - max z) / τ). The shift changes nothing mathematically (softmax is invariant to
     adding a constant), but it makes the best logit exactly 0, and 0 / τ = 0 for every τ > 0, so the
-    most likely token always keeps a finite weight while the others go to -inf at worst. The division
-    runs in float64: a τ such as 1e-300 is 0 in float32, and 0 / 0 is NaN. A row with no usable
-    logit (NaN, +inf, or all -inf) has no distribution to sample from: ValueError, naming the rows.
+    most likely token always keeps a finite weight while the others go to -inf at worst. A τ so
+    small or so large that float32 cannot divide by it safely (1e-300 is 0 in float32, and 0 / 0 is
+    NaN; 1e300 is inf, and -inf / inf is NaN) is divided in float64. A row with no usable logit
+    (NaN, +inf, or all -inf) has no distribution to sample from: ValueError, naming the rows.
     """
     if not (0.0 <= temperature < float("inf")):  # also refuses NaN, which fails every comparison
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     logits = logits.float()
-    _check_rows(logits)
+    row_max = logits.amax(dim=-1, keepdim=True)  # (B, 1)
+    _check_rows(row_max)
     if temperature == 0:  # greedy: top-k / top-p cannot change the argmax
         return logits.argmax(dim=-1)
-    shifted = logits - logits.amax(dim=-1, keepdim=True)  # (B, V), max 0 per row, the rest <= 0
-    logits = (shifted.double() / temperature).float()  # <= 0 or -inf: never NaN, never +inf
+    logits = logits - row_max  # (B, V), max 0 per row, the rest <= 0
+    if temperature != 1.0:  # <= 0 or -inf after the division: never NaN, never +inf
+        safe = 1e-30 < temperature < 1e30  # float32 holds τ and 1/τ with room to spare
+        logits = logits / temperature if safe else (logits.double() / temperature).float()
     if top_k is not None:
         logits = top_k_filter(logits, top_k)  # keeps the 0 (the max), so a finite logit survives
     if top_p is not None and top_p < 1.0:
@@ -111,16 +117,19 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     probs = torch.softmax(logits, dim=-1)  # (B, V): the max term is exp(0) = 1, so the sum is >= 1
     # sample on the generator's device (a CPU generator cannot drive CUDA sampling)
     gen_device = generator.device if generator is not None else probs.device
+    if gen_device == probs.device:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return torch.multinomial(probs.to(gen_device), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-def _check_rows(logits: torch.Tensor) -> None:
-    """Raise ValueError if a row of (B, V) logits cannot define a distribution.
+def _check_rows(row_max: torch.Tensor) -> None:
+    """Raise ValueError if a row of logits cannot define a distribution, judged by its max (B, 1).
 
     NaN and +inf have no place among logits (they come from an overflowing model, and make
-    z - max z NaN); a row that is all -inf gives every token probability 0."""
-    bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1) \
-        | torch.isneginf(logits).all(dim=-1)  # (B,)
+    z - max z NaN); a row that is all -inf gives every token probability 0. The max tells all
+    three: it is NaN if any logit is (amax propagates NaN), +inf if any is, and -inf only if all
+    are. So one reduction, which sampling needs anyway, checks the rows: finite max = usable row."""
+    bad = ~torch.isfinite(row_max.squeeze(-1))  # (B,)
     if bad.any():
         rows = bad.nonzero().flatten().tolist()
         raise ValueError(f"logits of row(s) {rows[:8]} contain NaN or +inf, or are all -inf: "
@@ -134,18 +143,20 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 # --- the decoding loop ------------------------------------------------------------------------
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                     generator: torch.Generator | None = None,
                     key_padding_mask: torch.Tensor | None = None,
-                    window_stride: int | None = None) -> Iterator[torch.Tensor]:
+                    window_stride: int | None = None, flat_decode: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), `max_new_tokens` times. Stop early by breaking.
 
     idx (B, T) prompt ids, left-padded when key_padding_mask (B, T) (True = real token) is given.
     window_stride: K in 1..block_size, how far the context falls back when it is full (see the module
     docstring): the model then conditions on the last block_size-K+1 .. block_size tokens.
     1 = nanoGPT's sliding window (always block_size tokens); None = block_size // 4.
+    flat_decode: run cached one-token steps through minillm.generate.flat (the same ops without
+    the module tree: the same tokens, less Python per token); prefills still run the modules.
     """
     if not getattr(model.cfg, "causal", False):
         raise ValueError("generation needs a causal LM; a masked LM (BERT-style) cannot continue text")
@@ -173,28 +184,50 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
 
     was_training = model.training
     model.eval()  # no dropout while sampling
+    B = idx.shape[0]
     try:
-        # invariant: idx, mask are exactly the context the model conditions on (what the cache holds)
-        cache = model.new_cache(idx.shape[0], block_size) if use_cache else None
+        # invariant: idx, mask + the tokens in `pending` are the context the model conditions on
+        # (what the cache holds); n counts its columns, pads included
+        cache = model.new_cache(B, block_size) if use_cache else None
+        flat = FlatDecoder.build(model) if flat_decode and cache is not None else None  # None: use the modules
         logits = forward(idx, mask, cache, positions_from_mask(mask))  # prefill (or first uncached step)
-        for _ in range(max_new_tokens):
+        pending: list[torch.Tensor] = []  # tokens sampled since idx was last rebuilt, each (B,)
+        n = idx.shape[1]
+        # padded rows only: the mask with room to grow by real columns, and each row's next position
+        grown = torch.cat([mask, mask.new_ones(B, block_size)], dim=1) if padded else None
+        pos = mask.sum(dim=1, keepdim=True) if padded else None  # (B, 1) real tokens so far
+        for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             yield nxt
-            idx = torch.cat([idx, nxt[:, None]], dim=1)  # (B, n+1)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            if idx.shape[1] <= block_size and cache is not None:
-                # decode: one new position per row, continuing that row's count of real tokens
-                pos = mask.long().sum(dim=1, keepdim=True) - 1  # (B, 1)
-                logits = forward(idx[:, -1:], mask, cache, pos)
+            if i == max_new_tokens - 1:
+                break  # no forward pass for a token nobody will sample
+            pending.append(nxt)
+            n += 1
+            if n <= block_size and cache is not None:
+                # decode: only the new token goes in; the cache holds the rest. (No torch.cat of
+                # the whole context per token: the tokens wait in `pending` until a rebuild.)
+                if flat is not None:
+                    logits = flat.step(nxt[:, None], cache, pos, grown[:, :n] if padded else None)
+                else:
+                    logits = forward(nxt[:, None], grown[:, :n] if padded else None, cache, pos)
+                if padded:
+                    pos = pos + 1
                 continue
-            if idx.shape[1] > block_size:
+            idx = torch.cat([idx, torch.stack(pending, dim=1)], dim=1)  # (B, n)
+            mask = torch.cat([mask, mask.new_ones(B, len(pending))], dim=1)
+            pending = []
+            if n > block_size:
                 # the context is full: fall back to its last block_size - K + 1 tokens, numbered
                 # from 0 again (each row from its first real token), leaving room for K - 1 decodes
-                idx, mask = idx[:, -(block_size - stride + 1):], mask[:, -(block_size - stride + 1):]
+                n = block_size - stride + 1
+                idx, mask = idx[:, -n:], mask[:, -n:]
                 if cache is not None:
                     cache.length = 0  # empty it: the old keys sit at positions that are now wrong
             # re-prefill into the emptied cache, or (uncached) re-run the whole context
             logits = forward(idx, mask, cache, positions_from_mask(mask))
+            if padded:
+                grown = torch.cat([mask, mask.new_ones(B, block_size)], dim=1)
+                pos = mask.sum(dim=1, keepdim=True)
     finally:
         model.train(was_training)
 
@@ -203,10 +236,10 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
              top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
              generator: torch.Generator | None = None,
              key_padding_mask: torch.Tensor | None = None,
-             window_stride: int | None = None) -> torch.Tensor:
+             window_stride: int | None = None, flat_decode: bool = False) -> torch.Tensor:
     """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens)."""
     new = list(generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache,
-                               generator, key_padding_mask, window_stride))
+                               generator, key_padding_mask, window_stride, flat_decode))
     if not new:
         return idx
     return torch.cat([idx, torch.stack(new, dim=1).to(idx.device)], dim=1)
@@ -253,7 +286,8 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tem
                   top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                   generator: torch.Generator | None = None, stop: list[str] | str | None = None,
                   stream: Callable[[int, str], None] | None = None,
-                  token_counts: list[int] | None = None, window_stride: int | None = None) -> list[str]:
+                  token_counts: list[int] | None = None, window_stride: int | None = None,
+                  flat_decode: bool = False) -> list[str]:
     """Continue each prompt; returns the generated text of each (without the prompt).
 
     stop: strings that end a row's generation (the stop string itself is not returned); the batch
@@ -264,6 +298,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tem
     token_counts: a list that receives how many tokens each row generated (re-encoding the text
     would not tell: a BPE may merge the generated pieces differently).
     window_stride: how the context falls back past block_size (generate_tokens; 1 = nanoGPT's).
+    flat_decode: decode steps without the module tree (generate_tokens; same tokens, faster).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -289,7 +324,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tem
                 emitted[i] = end
 
     for nxt in generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache,
-                               generator, mask, window_stride):
+                               generator, mask, window_stride, flat_decode):
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
                 new_ids[i].append(t)

@@ -10,7 +10,7 @@ Read in this order, the order the pieces are built in:
     heads.py         SequenceClassifier: a label per sequence from [CLS], the last token, or the mean
     losses.py        softmax and cross-entropy for next-token and masked-token prediction
     seq2seq.py       the paper's encoder–decoder: cross-attention, label smoothing, its lr schedule
-    builtin_ops.py   the same layers swapped for PyTorch's fused kernels (same parameters)
+    builtin_ops.py   the same layers swapped for PyTorch's fused kernels (same parameters); for_inference
     pretrained.py    Hugging Face GPT-2, BERT and Llama-family (Llama, Mistral, Qwen2, SmolLM2)
                      weights loaded into these classes
     pretrained_seq2seq.py  Hugging Face BART weights loaded into the encoder–decoder (Seq2Seq)

@@ -14,6 +14,12 @@ training step (measured on the shakespeare-char CPU recipe; see bench/convergenc
     FFN activation     -> F.relu / F.gelu / F.gelu(approximate="tanh") / F.silu
 and `builtin_loss` is `F.cross_entropy` over (B·T, V) with the same ignore index (-100).
 Training uses it with `--builtin_ops=true`; the model saved is the same model.
+
+`for_inference(model)` is how `minillm generate` and `minillm serve` run a loaded checkpoint (unless
+`--readable`): the same swap, plus PyTorch's fused attention (`attention="sdpa"`) where the model
+was built with the written-out one. Decoding a small model on a CPU is bound by per-op overhead,
+not arithmetic, so one kernel instead of eight per LayerNorm is most of the difference between
+running at nanoGPT's speed and well above it (bench/decode.py measures both).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillm.model.config import ModelConfig
 from minillm.model.layers import FeedForward, LayerNorm, RMSNorm, gelu, gelu_tanh, relu, silu
 from minillm.model.losses import IGNORE_INDEX
 
@@ -51,6 +58,17 @@ def use_builtin_ops(model: nn.Module) -> nn.Module:
                 setattr(module, name, _builtin_norm(child))
             elif isinstance(child, FeedForward) and child.act in BUILTIN_ACTIVATIONS:
                 child.act = BUILTIN_ACTIVATIONS[child.act]
+    return model
+
+
+def for_inference(model: nn.Module, attention: bool = True) -> nn.Module:
+    """use_builtin_ops, and (attention=True) attention "naive" -> "sdpa" (tested equal); in place,
+    returns model. A Triton attention stays Triton."""
+    use_builtin_ops(model)
+    for module in model.modules() if attention else ():
+        cfg = getattr(module, "cfg", None)
+        if isinstance(cfg, ModelConfig) and cfg.attention == "naive":
+            cfg.attention = "sdpa"
     return model
 
 

@@ -1,0 +1,133 @@
+"""One cached decode step of a CausalLM, run without the module tree: the same ops, less Python.
+
+A decode step feeds one token per row through the model. For a small model on a CPU its cost is
+mostly not arithmetic: measured on the `tiny` preset (4 layers, C = 128; 2-core x86 CPU, 1 thread),
+a step through the modules takes ~0.65 ms and the same PyTorch ops called from one function take
+~0.42 ms. The difference is eager-mode machinery, about 580 Python calls per token:
+nn.Module.__call__ for each of ~42 modules, every `self.weight` looked up through
+Module.__getattr__, small helpers. nanoGPT pays the same tax on every forward; gpt-fast removes it
+with torch.compile, which takes longer to compile than a short generation takes to run.
+
+FlatDecoder reads the model once (its weights and its layers' bound functions, into one tuple per
+block) and `step` then runs Transformer.forward → Block.forward → MultiHeadAttention.forward for
+T = 1 as straight-line code. Every op is the one the modules would run, in the same order, so the
+logits are bit-for-bit the modules' (tests/test_generate.py holds them equal across positions,
+norms, activations, GQA, sliding windows, padding and quantized layers). A layer FlatDecoder does
+not flatten (a quantized or LoRA linear, a written-out norm) is called through its own `forward`.
+
+It is an explicit switch (`flat_decode=True` in generate_tokens, on by default in `minillm generate`
+and `minillm serve`), and it steps aside, returning None from `build`, whenever the modules must
+run themselves: forward hooks registered (they would not fire), a model other than CausalLM, or
+embeddings it does not reproduce (token types, an embedding norm). Prefill and re-prefill (T > 1)
+always run through the modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
+
+from minillm.model.attention import attention_dispatch
+from minillm.model.positional import LearnedPositions, SinusoidalPositions
+
+
+def _fn(m: nn.Module):
+    """x -> m(x) with the weights bound now: F.linear / F.layer_norm / F.rms_norm for PyTorch's own
+    layers (exactly what their forward calls), the module's bound forward for anything else."""
+    if type(m) is nn.Linear:
+        w, b = m.weight, m.bias
+        return lambda x: F.linear(x, w, b)
+    if type(m) is nn.LayerNorm:
+        shape, w, b, eps = m.normalized_shape, m.weight, m.bias, m.eps
+        return lambda x: F.layer_norm(x, shape, w, b, eps)
+    if type(m) is nn.RMSNorm:
+        shape, w, eps = m.normalized_shape, m.weight, m.eps
+        return lambda x: F.rms_norm(x, shape, w, eps)
+    return m.forward  # a quantized or LoRA linear, minillm's written-out norms: their own code
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    globals_ = (nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks)
+    return any(globals_) or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class FlatDecoder:
+    """`step(idx (B, 1), cache, positions, key_padding_mask) -> logits (B, V)` for a CausalLM."""
+
+    def __init__(self, model: nn.Module):
+        tr, cfg = model.transformer, model.cfg
+        self.cfg = cfg
+        self.tok_emb = tr.tok_emb.weight
+        self.embed_scale = tr.embed_scale
+        pos = tr.pos_emb
+        self.pos_table = (pos.table if isinstance(pos, SinusoidalPositions)
+                          else pos.emb.weight if isinstance(pos, LearnedPositions) else None)
+        self.layers = []
+        for block in tr.blocks:
+            attn, ffn = block.attn, block.ffn
+            self.layers.append((
+                _fn(block.norm1), _fn(attn.qkv), attn.rotary.forward if attn.rotary is not None else None,
+                _fn(attn.proj), _fn(block.norm2),
+                _fn(ffn.up), _fn(ffn.gate) if ffn.gate is not None else None, ffn.act, _fn(ffn.down),
+            ))
+        self.final_norm = _fn(tr.final_norm) if tr.final_norm is not None else None
+        self.lm_head = _fn(model.lm_head)
+        self.H, self.H_kv = cfg.n_head, cfg.kv_heads
+
+    @classmethod
+    def build(cls, model: nn.Module) -> "FlatDecoder | None":
+        """A FlatDecoder for `model` now (weights as they are), or None if the modules must run."""
+        from minillm.model.transformer import CausalLM
+
+        if type(model) is not CausalLM or model.training or _has_hooks(model):
+            return None
+        tr = model.transformer
+        if tr.type_emb is not None or tr.emb_norm is not None:
+            return None
+        if tr.pos_emb is not None and not isinstance(tr.pos_emb, (SinusoidalPositions, LearnedPositions)):
+            return None
+        return cls(model)
+
+    def step(self, idx: torch.Tensor, cache, positions: torch.Tensor | None = None,
+             key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Transformer.forward + CausalLM.forward for one new token per row, in eval mode.
+
+        idx (B, 1); positions (B, 1) or None (then the cache's length, as Transformer.forward
+        counts); key_padding_mask (B, Tk) True = real key, or None. Returns logits (B, V)."""
+        B = idx.shape[0]
+        cfg, H, H_kv = self.cfg, self.H, self.H_kv
+        if positions is None:
+            if cache.length + 1 > cfg.block_size:
+                raise ValueError(f"{cache.length + 1} tokens are more than block_size={cfg.block_size}; "
+                                 "crop the input to the last block_size tokens")
+            positions = torch.arange(cache.length, cache.length + 1, device=idx.device)  # (1,)
+        x = F.embedding(idx, self.tok_emb)  # (B, 1, C)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        if self.pos_table is not None:
+            x = x + F.embedding(positions, self.pos_table)  # (1, C) or (B, 1, C)
+        for layer, (norm1, qkv, rotary, proj, norm2, up, gate, act, down) in enumerate(self.layers):
+            h = norm1(x) if cfg.prenorm else x
+            heads = qkv(h).view(B, 1, H + 2 * H_kv, -1).transpose(1, 2)  # (B, H + 2·H_kv, 1, D)
+            q, k, v = heads.split_with_sizes([H, H_kv, H_kv], dim=1)
+            if rotary is not None:
+                q, k = rotary(q, positions), rotary(k, positions)
+            k, v = cache.update(layer, k, v)  # (B, H_kv, Tk, D)
+            kpm = key_padding_mask
+            if kpm is not None and kpm.shape[-1] > k.shape[-2]:
+                kpm = kpm[:, -k.shape[-2]:]  # a sliding-window cache keeps only the last Tk keys
+            y = attention_dispatch(cfg.attention, q, k, v, cfg.causal, kpm, 0.0, cfg.sliding_window)
+            a = proj(y.transpose(1, 2).reshape(B, 1, -1))  # (B, 1, C) heads merged, then mixed
+            if cfg.prenorm:
+                x = x + a
+                h = norm2(x)
+                x = x + down(act(gate(h)) * up(h) if gate is not None else act(up(h)))
+            else:
+                x = norm1(x + a)
+                x = norm2(x + down(act(gate(x)) * up(x) if gate is not None else act(up(x))))
+        cache.advance(1)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return self.lm_head(x)[:, -1]  # (B, V)
