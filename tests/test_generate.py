@@ -243,15 +243,17 @@ def test_left_padded_batch_with_a_window_equals_each_prompt_alone(use_cache):
         assert batched[i, -12:].tolist() == alone[0, -12:].tolist()
 
 
-def test_batch_engine_serves_a_gqa_model_like_generate():
+@pytest.mark.parametrize("flat_decode", [False, True])
+def test_batch_engine_serves_a_gqa_model_like_generate(flat_decode):
     from minillm.generate.batching import BatchEngine, SamplingParams
     tok = CharTokenizer.from_text(TEXT)
     model = tiny_model("rotary", vocab_size=tok.vocab_size, n_head=4, n_kv_head=2)
-    engine = BatchEngine(model, tok, max_batch_size=3).start()
+    engine = BatchEngine(model, tok, max_batch_size=3, flat_decode=flat_decode).start()
     try:
         assert engine.cache.k.shape[2] == 2  # (L, slots, H_kv, T, D): K/V heads, not query heads
-        prompts = [tok.encode("the quick"), tok.encode("lazy dog")]
+        prompts = [tok.encode("the quick"), tok.encode("lazy dog")]  # ragged rows: a key padding mask
         events = engine.complete(prompts, SamplingParams(max_tokens=10, temperature=0.0))
+        assert (engine._flat is not None) == flat_decode
     finally:
         engine.shutdown()
     for p, ev in zip(prompts, events):

@@ -62,7 +62,7 @@ def cmd_serve(args, overrides: list[str]) -> int:
             for_inference(model, attention="attention" not in changes)
         return model, tokenizer, meta
 
-    registry = Registry(load, args.max_batch_size, args.max_queue, args.seed)
+    registry = Registry(load, args.max_batch_size, args.max_queue, args.seed, flat_decode=not args.readable)
     specs = _model_specs(args.checkpoints, args.model_name)
     for name, path in specs:
         folder = path if is_hf_folder(path) else find_checkpoint(path)  # a run's newest complete checkpoint
@@ -149,8 +149,8 @@ def add_parser(sub) -> None:
                    help="CPU threads for PyTorch's matmuls (default: PyTorch's choice, one per core)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling requests that give none")
     p.add_argument("--readable", action="store_true",
-                   help="serve with minillm's written-out layers instead of PyTorch's fused norms, "
-                        "activations and attention: the same function, slower")
+                   help="serve with minillm's written-out layers and modules instead of PyTorch's fused "
+                        "norms, activations and attention and flat decode steps: the same function, slower")
     p.add_argument("--log-level", "--log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's own log level (requests are logged by --access-log)")

@@ -44,6 +44,7 @@ from typing import Callable
 
 import torch
 
+from minillm.generate.flat import FlatDecoder
 from minillm.generate.sampling import find_stop, held_back, sample_next
 
 log = logging.getLogger("minillm.generate.batching")
@@ -176,7 +177,7 @@ class BatchEngine:
     """A background decode loop over `max_batch_size` cache rows, fed by a queue of ≤ `max_queue`."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 64,
-                 eos_id: int | None = None, seed: int = 0):
+                 eos_id: int | None = None, seed: int = 0, flat_decode: bool = False):
         if not getattr(model.cfg, "causal", False):
             # an encoder–decoder would need an encoder pass and a cross-attention cache per row, which
             # this engine (one decoder KV cache row per completion) does not have: `minillm translate`
@@ -202,6 +203,9 @@ class BatchEngine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
         self.stats = EngineStats(batch_rows=[0] * (max_batch_size + 1))
+        # decode steps without the module tree (minillm.generate.flat; the same logits), built on
+        # the engine thread when the loop starts; None runs the modules
+        self.flat_decode, self._flat = flat_decode, None
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -276,6 +280,7 @@ class BatchEngine:
     # --- the decode loop (engine thread only) ----------------------------------------------------
     def _loop(self) -> None:
         with torch.inference_mode():
+            self._flat = FlatDecoder.build(self.model) if self.flat_decode else None
             while True:
                 with self._cond:
                     while not self._stopping and not self.waiting and not self.rows:
@@ -332,8 +337,11 @@ class BatchEngine:
         kpm = None
         if not self.cache.uniform:  # hide keys past each row's own length: (A, Tk) True = real
             kpm = torch.arange(self.cache.length + 1, device=self.device)[None, :] <= starts[:, None]
-        logits, _ = self.model(idx, positions=starts[:, None], key_padding_mask=kpm, cache=self.cache)
-        tokens = self._sample(logits[:, -1, :], self.rows)  # (A, V) -> A ids
+        if self._flat is not None:
+            logits = self._flat.step(idx, self.cache, starts[:, None], kpm)  # (A, V)
+        else:
+            logits = self.model(idx, positions=starts[:, None], key_padding_mask=kpm, cache=self.cache)[0][:, -1, :]
+        tokens = self._sample(logits, self.rows)  # (A, V) -> A ids
         self.stats.decode_steps += 1
         self.stats.batch_rows[A] += 1
         for row, t in zip(list(self.rows), tokens):
@@ -354,7 +362,8 @@ class BatchEngine:
 
         def draw(members: list[int]) -> list[int]:
             p, gen = rows[members[0]].req.params, rows[members[0]].req.generator
-            sub = logits[torch.tensor(members, device=logits.device)]  # (b, V)
+            whole = len(members) == len(rows)  # the usual case: one group, every row in order
+            sub = logits if whole else logits[torch.tensor(members, device=logits.device)]  # (b, V)
             return sample_next(sub, p.temperature, p.top_k, p.top_p if p.top_p < 1 else None,
                                gen or self.generator).tolist()
 

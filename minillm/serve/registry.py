@@ -76,9 +76,11 @@ def content_identity(folder: Path) -> tuple[str, int]:
 class Registry:
     """Model names → (current, previous) versions. `load(path)` turns a path into a started engine."""
 
-    def __init__(self, load, max_batch_size: int = 16, max_queue: int = 64, seed: int = 0):
+    def __init__(self, load, max_batch_size: int = 16, max_queue: int = 64, seed: int = 0,
+                 flat_decode: bool = False):
         self._load = load  # path -> (model, tokenizer, meta), e.g. checkpoint.load_model with a device
         self.max_batch_size, self.max_queue, self.seed = max_batch_size, max_queue, seed
+        self.flat_decode = flat_decode  # engines decode without the module tree (minillm.generate.flat)
         self._current: dict[str, ModelVersion] = {}
         self._previous: dict[str, ModelVersion] = {}
         self._lock = threading.Lock()  # guards the two dicts and every in_flight count
@@ -123,7 +125,8 @@ class Registry:
         meta = meta or {}
         eos = next((tokenizer.special_tokens[s] for s in EOS_TOKENS if s in getattr(tokenizer, "special_tokens", {})),
                    None)
-        engine = BatchEngine(model, tokenizer, self.max_batch_size, self.max_queue, eos_id=eos, seed=self.seed)
+        engine = BatchEngine(model, tokenizer, self.max_batch_size, self.max_queue, eos_id=eos, seed=self.seed,
+                             flat_decode=self.flat_decode)
         if start:
             engine.start()
             try:  # warm-up: the first forward pass allocates memory; a broken model fails here, not on a client
