@@ -61,7 +61,7 @@ def test_decode(benchmark, mode, B):
 
 
 # past the context: every token after a full block_size prompt (sampling.py's cached re-prefill);
-# bench/decode_past_context.py times these cases interleaved in one process and prints the ratios
+# bench/decode.py times these cases against nanoGPT, interleaved in one process, and prints the ratios
 PAST = {"uncached": dict(use_cache=False, window_stride=1),  # nanoGPT's sliding window
         "stride1": dict(window_stride=1),  # the same tokens, minillm's old behaviour
         "default": dict()}  # re-prefill every block_size // 4 tokens

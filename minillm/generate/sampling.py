@@ -35,8 +35,9 @@ K-1 more tokens cached; then the cache is full again and the cycle repeats. Per 
 
 With a compute-bound model P(n) ≈ n·D, so for K = T/4 a token costs about 4D instead of T·D (T = 256:
 ~60× less work). A tiny model on a CPU is bound by per-call overhead instead: for the `tiny` preset
-P(64) is only 2-2.5·D, so its gain is capped near P(T)/D, about 2×, whatever K is
-(bench/decode_past_context.py); the larger the model, the closer the gain gets to T/4.
+P(64) is only ~3·D through the modules, ~4·D with flat decode steps (minillm/generate/flat.py,
+`flat_decode=True`), so its gain is capped near P(T)/D whatever K is (bench/decode.py measures
+it); the larger the model, the closer the gain gets to T/4.
 
 The price is context: right after a re-prefill the model sees T-K+1 tokens, growing back to T
 before the next one, where nanoGPT always sees T. So this is a different function from nanoGPT's
