@@ -1,5 +1,7 @@
 """Generation: the KV cache changes the cost, never the tokens; padding, filters, stops, cropping."""
 
+import threading
+
 import pytest
 import torch
 
@@ -259,6 +261,27 @@ def test_batch_engine_serves_a_gqa_model_like_generate(flat_decode):
     for p, ev in zip(prompts, events):
         ref = generate(model, torch.tensor([p]), 10, temperature=0.0)[0, len(p):]
         assert ev.text == tok.decode(ref.tolist())
+
+
+def test_batch_engine_admits_the_next_request_as_soon_as_one_ends_in_its_prefill():
+    from minillm.generate.batching import BatchEngine, Request, SamplingParams
+    tok = CharTokenizer.from_text(TEXT)
+    engine = BatchEngine(tiny_model(vocab_size=tok.vocab_size), tok, max_batch_size=2)
+    steps_at_end = {}
+    reqs = []
+    for name, n in (("long", 5), ("a", 1), ("b", 1), ("c", 1)):
+        emit = (lambda name: lambda ev: ev.finish_reason and steps_at_end.setdefault(name, engine.stats.decode_steps))(name)
+        reqs.append(engine.submit(Request([tok.encode("the ")], SamplingParams(max_tokens=n, temperature=0.0),
+                                          emit=emit, stream=False)))
+    engine.start()  # all four wait: "long" and "a" fit; a, b, c each end in their prefill
+    try:
+        for _ in range(200):
+            if len(steps_at_end) == 4:
+                break
+            threading.Event().wait(0.01)
+    finally:
+        engine.shutdown()
+    assert steps_at_end == {"a": 0, "b": 0, "c": 0, "long": 4}  # b and c did not wait for a decode step
 
 
 def test_batch_engine_refuses_a_sliding_window_model():

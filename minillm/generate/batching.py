@@ -287,18 +287,7 @@ class BatchEngine:
                         self._cond.wait()
                     if self._stopping:
                         return
-                    admitted = []
-                    # FIFO: the head of the queue waits until its rows are free (no starving big n)
-                    while self.waiting and self.waiting[0].n_rows <= self.max_batch_size - len(self.rows) \
-                            - sum(r.n_rows for r in admitted):
-                        admitted.append(self.waiting.popleft())
-                for req in admitted:
-                    if not req.cancelled:  # its client may have left while it was being admitted
-                        try:
-                            self._prefill(req)
-                        except Exception as e:  # this request's own prompt failed: only it fails
-                            log.exception("prefill failed")
-                            self._fail(req, e)
+                self._admit()
                 try:
                     self._leave([r for r in self.rows if r.req.cancelled])
                     if self.rows:
@@ -309,6 +298,27 @@ class BatchEngine:
                         self._fail(req, e)
                     self.rows.clear()
                     self.cache.lengths = [0] * self.max_batch_size
+
+    def _admit(self) -> None:
+        """Prefill waiting requests while their rows are free. A request that ends in its prefill
+        (max_tokens=1, a stop in its first token) frees its rows at once, so admission goes on
+        until nothing more fits: the next request does not wait for a decode step."""
+        while True:
+            with self._cond:
+                admitted = []
+                # FIFO: the head of the queue waits until its rows are free (no starving big n)
+                while self.waiting and self.waiting[0].n_rows <= self.max_batch_size - len(self.rows) \
+                        - sum(r.n_rows for r in admitted):
+                    admitted.append(self.waiting.popleft())
+            if not admitted:
+                return
+            for req in admitted:
+                if not req.cancelled:  # its client may have left while it was being admitted
+                    try:
+                        self._prefill(req)
+                    except Exception as e:  # this request's own prompt failed: only it fails
+                        log.exception("prefill failed")
+                        self._fail(req, e)
 
     def _prefill(self, req: Request) -> None:
         """Run each prompt alone into a free row, fork it n times, sample every row's first token."""
