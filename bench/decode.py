@@ -158,13 +158,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     colors = {name: f"C{i}" for i, name in enumerate(names)}
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / max(sum(r["scenario"] == s for r in rows) for s in scen)
+    labelled = set()
     for j, s in enumerate(scen):
         here = [r for r in rows if r["scenario"] == s]
         for i, row in enumerate(here):  # the cases this scenario ran, side by side around x = j
             x = j + (i - (len(here) - 1) / 2) * width
-            ax.bar(x, row["tokens_per_s"], width, color=colors[row["case"]],
-                   label=row["case"] if j == 0 or row["case"] not in {r["case"] for r in rows if r["scenario"] == scen[0]}
-                   else None)
+            label = None if row["case"] in labelled else row["case"]  # one legend entry per case
+            labelled.add(row["case"])
+            ax.bar(x, row["tokens_per_s"], width, color=colors[row["case"]], label=label)
             ax.text(x, row["tokens_per_s"], f"{row['vs_nanogpt']:.2f}×", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(scen)), scen)
     ax.set_ylabel("tokens/s (higher is better)")

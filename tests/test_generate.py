@@ -303,7 +303,7 @@ def test_for_inference_computes_the_same_function(kw):
     before = {k: v.clone() for k, v in fast.state_dict().items()}
     for_inference(fast)
     assert fast.cfg.attention == "sdpa" and readable.cfg.attention == "naive"
-    assert {k: v for k, v in fast.state_dict().items()}.keys() == before.keys()  # checkpoints unchanged
+    assert fast.state_dict().keys() == before.keys()  # checkpoints unchanged
     assert all(torch.equal(before[k], v) for k, v in fast.state_dict().items())
     assert not any(type(m).__module__ == "minillm.model.layers" and "Norm" in type(m).__name__
                    for m in fast.modules())  # every written-out norm was swapped

@@ -183,6 +183,11 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
         logits, _ = model(ids, positions=positions if padded else None, key_padding_mask=kpm, cache=cache)
         return logits[:, -1, :]  # (B, V) the last position predicts the next token
 
+    def padding_state(m):
+        # padded rows only: the mask with room to grow by real columns (B, n + block_size), and each
+        # row's next position (B, 1) = its real tokens so far
+        return torch.cat([m, m.new_ones(B, block_size)], dim=1), m.sum(dim=1, keepdim=True)
+
     was_training = model.training
     model.eval()  # no dropout while sampling
     B = idx.shape[0]
@@ -194,9 +199,7 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
         logits = forward(idx, mask, cache, positions_from_mask(mask))  # prefill (or first uncached step)
         pending: list[torch.Tensor] = []  # tokens sampled since idx was last rebuilt, each (B,)
         n = idx.shape[1]
-        # padded rows only: the mask with room to grow by real columns, and each row's next position
-        grown = torch.cat([mask, mask.new_ones(B, block_size)], dim=1) if padded else None
-        pos = mask.sum(dim=1, keepdim=True) if padded else None  # (B, 1) real tokens so far
+        grown, pos = padding_state(mask) if padded else (None, None)
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             yield nxt
@@ -207,10 +210,11 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
             if n <= block_size and cache is not None:
                 # decode: only the new token goes in; the cache holds the rest. (No torch.cat of
                 # the whole context per token: the tokens wait in `pending` until a rebuild.)
+                kpm = grown[:, :n] if padded else None  # (B, n) the keys in the cache
                 if flat is not None:
-                    logits = flat.step(nxt[:, None], cache, pos, grown[:, :n] if padded else None)
+                    logits = flat.step(nxt[:, None], cache, pos, kpm)
                 else:
-                    logits = forward(nxt[:, None], grown[:, :n] if padded else None, cache, pos)
+                    logits = forward(nxt[:, None], kpm, cache, pos)
                 if padded:
                     pos = pos + 1
                 continue
@@ -226,9 +230,8 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
                     cache.length = 0  # empty it: the old keys sit at positions that are now wrong
             # re-prefill into the emptied cache, or (uncached) re-run the whole context
             logits = forward(idx, mask, cache, positions_from_mask(mask))
-            if padded:
-                grown = torch.cat([mask, mask.new_ones(B, block_size)], dim=1)
-                pos = mask.sum(dim=1, keepdim=True)
+            if padded and cache is not None:  # (uncached steps re-run the whole context instead)
+                grown, pos = padding_state(mask)
     finally:
         model.train(was_training)
 

@@ -65,7 +65,9 @@ def for_inference(model: nn.Module, attention: bool = True) -> nn.Module:
     """use_builtin_ops, and (attention=True) attention "naive" -> "sdpa" (tested equal); in place,
     returns model. A Triton attention stays Triton."""
     use_builtin_ops(model)
-    for module in model.modules() if attention else ():
+    if not attention:
+        return model
+    for module in model.modules():
         cfg = getattr(module, "cfg", None)
         if isinstance(cfg, ModelConfig) and cfg.attention == "naive":
             cfg.attention = "sdpa"
