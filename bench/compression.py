@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from bench.common import machine_info  # noqa: E402
-from minillm.checkpoint import load_model, save_model  # noqa: E402
+from minillm.weights.checkpoint import load_model, save_model  # noqa: E402
 from minillm.compress.distill import distill  # noqa: E402
 from minillm.compress.finetune import finetune, text_tokens, val_loss  # noqa: E402
 from minillm.compress.jobs import prune_model  # noqa: E402

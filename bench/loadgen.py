@@ -48,7 +48,7 @@ def tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     character tokenizer: the speed of serving does not depend on what the weights have learned."""
     import torch
 
-    from minillm.checkpoint import save_model
+    from minillm.weights.checkpoint import save_model
     from minillm.model.config import ModelConfig
     from minillm.model.transformer import CausalLM
     from minillm.data.tokenizer import CharTokenizer

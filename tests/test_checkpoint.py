@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minillm import CausalLM, ModelConfig
-from minillm.checkpoint import CONFIG_FILE, CheckpointError, load_model, save_model
+from minillm.weights.checkpoint import CONFIG_FILE, CheckpointError, load_model, save_model
 from minillm.files import atomic_write
 
 

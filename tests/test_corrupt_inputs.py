@@ -6,7 +6,7 @@ one small trained run, and each copy is handed to each loading command of the CL
 
     generate  eval  serve  resume (train --resume=true)  quantize (--out=NEW)  export (--onnx=NEW)
 
-For each pair the rule is the one minillm/checkpoint.py promises: exit status 2, no traceback, one
+For each pair the rule is the one minillm/weights/checkpoint.py promises: exit status 2, no traceback, one
 `minillm CMD: error: ...` line that names the broken file (and says what is wrong with it), and
 the checkpoint folder exactly as it was (bytes and mtimes), with no output folder or file created.
 
@@ -33,7 +33,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from minillm.checkpoint import MANIFEST_FILE, step_folder, write_manifest
+from minillm.weights.checkpoint import MANIFEST_FILE, step_folder, write_manifest
 from minillm.cli import main
 from minillm.model.config import ModelConfig
 from minillm.train import TrainConfig, train

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from minillm.checkpoint import load_model
+from minillm.weights.checkpoint import load_model
 from minillm.model.config import ModelConfig
 from minillm.train import TrainConfig, train
 

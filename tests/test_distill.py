@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import minillm.cli as cli
-from minillm.checkpoint import load_model
+from minillm.weights.checkpoint import load_model
 from minillm.compress.distill import TopKCache, check_compatible, distill, distillation_loss, load_teacher
 from minillm.compress.jobs import distill_checkpoint, prune_checkpoint
 from minillm.compress.quantize import quantize_checkpoint

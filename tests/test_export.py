@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from minillm.checkpoint import save_model
+from minillm.weights.checkpoint import save_model
 from minillm.cli import main
 from minillm.model.config import ModelConfig
 from minillm.serve.export import compare_with_onnxruntime, export_onnx

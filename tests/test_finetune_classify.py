@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from minillm.checkpoint import CheckpointError, load_model, save_model
+from minillm.weights.checkpoint import CheckpointError, load_model, save_model
 from minillm.cli import main
 from minillm.data.pairs import NSP_SPECIAL_TOKENS
 from minillm.data.tokenizer import CharTokenizer
@@ -181,7 +181,7 @@ def test_cli_empty_split_lora_on_quantized_and_vocabulary_mismatch(tmp_path, cap
 
     big = CharTokenizer(CHARS + list("0123456789ABCDEFGHIJ"), special_tokens=NSP_SPECIAL_TOKENS)
     (tmp_path / "base" / "tokenizer.json").write_text(json.dumps(big.to_dict()))
-    from minillm.checkpoint import write_manifest
+    from minillm.weights.checkpoint import write_manifest
 
     write_manifest(tmp_path / "base")
     with pytest.raises(CheckpointError, match="belong to different models"):

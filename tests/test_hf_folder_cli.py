@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from minillm.checkpoint import load_model  # noqa: E402
+from minillm.weights.checkpoint import load_model  # noqa: E402
 from minillm.cli import main  # noqa: E402
 from minillm.generate.sampling import generate  # noqa: E402
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillm.checkpoint import load_model
+from minillm.weights.checkpoint import load_model
 from minillm.cli import main
 from minillm.data.tokenizer import CharTokenizer
 from minillm.finetune.config import FinetuneConfig

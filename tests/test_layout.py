@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("model", "data", "train", "finetune", "compress", "evaluate", "generate", "serve", "cli")
+STAGES = ("model", "weights", "data", "train", "finetune", "compress", "evaluate", "generate", "serve", "cli")
 
 
 def imports_of(path: Path) -> set[str]:

@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 transformers = pytest.importorskip("transformers")  # in the dev extra; CI installs it
 
-from minillm.model.pretrained import (bert_config, bert_from_state_dict, gpt2_config, gpt2_from_state_dict,  # noqa: E402
+from minillm.weights.huggingface import (bert_config, bert_from_state_dict, gpt2_config, gpt2_from_state_dict,  # noqa: E402
                                 load_bert, load_gpt2)
 
 
@@ -73,7 +73,7 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 
 # --- the Llama family: Llama, Qwen2, Mistral, built offline from small configs --------------------
 
-from minillm.model.pretrained import is_hf_folder, llama_config, load_hf_folder, load_llama  # noqa: E402
+from minillm.weights.huggingface import is_hf_folder, llama_config, load_hf_folder, load_llama  # noqa: E402
 
 LLAMA_SIZES = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                    num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5)
@@ -209,7 +209,7 @@ def test_hf_tokenizer_errors_are_one_line(tmp_path, monkeypatch):
 
 
 def test_hf_folder_survives_a_minillm_checkpoint(tmp_path):
-    from minillm.checkpoint import load_model, save_model
+    from minillm.weights.checkpoint import load_model, save_model
     hf = small_hf("Qwen2ForCausalLM", num_key_value_heads=2, vocab_size=260,
                   rope_scaling=dict(rope_type="linear", factor=2.0))
     hf.save_pretrained(tmp_path / "hf")
@@ -327,7 +327,7 @@ def _dummy_mlm_head(cfg):
 
 # --- the encoder–decoder: BART, built offline from a small config ---------------------------------
 
-from minillm.model.pretrained_seq2seq import bart_config, bart_from_state_dict, load_bart  # noqa: E402
+from minillm.weights.huggingface_seq2seq import bart_config, bart_from_state_dict, load_bart  # noqa: E402
 
 
 def small_bart():

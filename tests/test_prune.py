@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minillm.cli as cli
-from minillm.checkpoint import load_model, save_model
+from minillm.weights.checkpoint import load_model, save_model
 from minillm.compress import prune as P
 from minillm.compress.finetune import finetune
 from minillm.compress.jobs import prune_checkpoint, prune_model

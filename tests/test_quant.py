@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from minillm import ModelConfig, build_model
-from minillm.checkpoint import load_model, save_model
+from minillm.weights.checkpoint import load_model, save_model
 from minillm.compress.quant import (GROUP_SIZES, QuantEmbedding, QuantLinear, dequantize_int4, dequantize_int8,
                                     pack_int4, quantize_int4, quantize_int8, quantize_model, set_backend,
                                     unpack_int4, weight_bytes)

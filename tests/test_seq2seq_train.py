@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from minillm.checkpoint import latest_checkpoint, load_model
+from minillm.weights.checkpoint import latest_checkpoint, load_model
 from minillm.cli import main
 from minillm.data.translation import translation_pairs
 from minillm.evaluate.translation import parse_metrics, score_translations

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import torch
 
-from minillm.checkpoint import load_model, save_model
+from minillm.weights.checkpoint import load_model, save_model
 from minillm.cli import main
 from minillm.model.config import ModelConfig
 from minillm.generate.sampling import generate_text

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import torch
 
-from minillm.checkpoint import save_model
+from minillm.weights.checkpoint import save_model
 from minillm.cli import main
 from minillm.data.tokenizer import CharTokenizer
 from minillm.generate import batching

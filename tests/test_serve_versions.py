@@ -13,7 +13,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from minillm.checkpoint import load_model, save_model  # noqa: E402
+from minillm.weights.checkpoint import load_model, save_model  # noqa: E402
 from minillm.data.tokenizer import CharTokenizer  # noqa: E402
 from minillm.model.config import ModelConfig  # noqa: E402
 from minillm.model.transformer import CausalLM  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 import regex
 import torch
 
-from minillm.checkpoint import write_json
+from minillm.weights.checkpoint import write_json
 from minillm.data.tokenizer import (GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, BPETokenizer, CharTokenizer,
                                     load_tokenizer, tokenizer_from_dict)
 

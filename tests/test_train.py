@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from minillm.model.builtin_ops import builtin_loss, use_builtin_ops
-from minillm.checkpoint import load_model, read_config
+from minillm.weights.checkpoint import load_model, read_config
 from minillm.cli import main
 from minillm.model.config import ModelConfig
 from minillm.model.transformer import CausalLM

@@ -1,7 +1,7 @@
 """Nothing lost: a kill at any file boundary of a save, Ctrl-C, re-runs into the same out_dir.
 
 A save writes train_state, model, tokenizer and config into a fresh step folder, then manifest.json,
-which commits them (minillm/checkpoint.py). Faults are injected by patching the one writer
+which commits them (minillm/weights/checkpoint.py). Faults are injected by patching the one writer
 (minillm.files.atomic_write renames with os.replace) to die before its k-th rename, not by timing.
 """
 
@@ -12,7 +12,7 @@ import pytest
 
 import minillm.files
 import minillm.train.loop
-from minillm.checkpoint import CHECKPOINTS_DIR, MANIFEST_FILE, latest_checkpoint, load_model, step_folders
+from minillm.weights.checkpoint import CHECKPOINTS_DIR, MANIFEST_FILE, latest_checkpoint, load_model, step_folders
 from minillm.cli import main
 from minillm.model.config import ModelConfig
 from minillm.train import TrainConfig, train

@@ -3,7 +3,7 @@
     minillm checkpoints out                 list them; exit 0 if one is complete, 1 if none is
     minillm checkpoints out --quiet         only the exit status (what sky/train.yaml asks before resuming)
 
-A checkpoint is complete when its manifest.json lists every file with its size (minillm/checkpoint.py);
+A checkpoint is complete when its manifest.json lists every file with its size (minillm/weights/checkpoint.py);
 `minillm train --resume=true` resumes from the newest complete one, by the same rule.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from minillm.cli.options import reject_unknown
-from minillm.checkpoint import CONFIG_FILE, is_complete, latest_checkpoint, step_folders, verify
+from minillm.weights.checkpoint import CONFIG_FILE, is_complete, latest_checkpoint, step_folders, verify
 
 
 def cmd_checkpoints(args, overrides: list[str]) -> int:

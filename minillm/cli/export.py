@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from minillm.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
+from minillm.weights.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
 from minillm.model.config import ModelConfig, split_overrides
 from minillm.serve.export import EXPORTERS, compare_with_onnxruntime, export_onnx
 
@@ -25,7 +25,7 @@ def cmd_export(args, overrides: list[str]) -> int:
     model, tokenizer, meta = load_model(folder, device="cpu", **changes)
     info = export_onnx(model, args.onnx, exporter=args.exporter, opset=args.opset,
                        metadata={"minillm.config": json.dumps(model.cfg.to_dict()),
-                                 "minillm.checkpoint": str(Path(args.checkpoint).resolve())})
+                                 "minillm.weights.checkpoint": str(Path(args.checkpoint).resolve())})
     print(f"wrote {info['path']}: {info['bytes'] / 1e6:.2f} MB in {info['seconds']:.1f} s "
           f"({info['exporter']} exporter); input idx (batch, seq<= {model.cfg.block_size}) int64 "
           f"-> logits (batch, seq, {model.cfg.vocab_size})")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from minillm.checkpoint import load_model
+from minillm.weights.checkpoint import load_model
 from minillm.files import write_json
 from minillm.finetune.config import FinetuneConfig
 from minillm.hardware import resolve_device

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
+from minillm.weights.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
 from minillm.finetune.instruct import format_prompt
 from minillm.generate.sampling import generate_text
 from minillm.hardware import resolve_device, resolve_dtype

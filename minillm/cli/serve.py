@@ -27,7 +27,7 @@ import argparse
 import os
 from pathlib import Path
 
-from minillm.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
+from minillm.weights.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
 from minillm.hardware import resolve_device, resolve_dtype
 from minillm.model.config import ModelConfig, split_overrides
 
@@ -42,7 +42,7 @@ def cmd_serve(args, overrides: list[str]) -> int:
         raise ImportError(f"minillm serve needs uvicorn: pip install 'minillm[serve]' ({e})") from e
 
     from minillm.model.builtin_ops import for_inference
-    from minillm.model.pretrained import is_hf_folder
+    from minillm.weights.huggingface import is_hf_folder
     from minillm.serve.api import build_app
     from minillm.serve.metrics import setup_access_log
     from minillm.serve.registry import Registry

@@ -20,7 +20,7 @@ import torch
 
 from minillm.model.config import PRESETS, ModelConfig, split_overrides
 from minillm.model.seq2seq import Seq2SeqConfig
-from minillm.checkpoint import CONFIG_FILE, TOKENIZER_FILE, find_checkpoint, load_model
+from minillm.weights.checkpoint import CONFIG_FILE, TOKENIZER_FILE, find_checkpoint, load_model
 from minillm.data.dataset import load_text, prepare_dataset, split_text
 from minillm.generate.sampling import generate_text
 from minillm.hardware import resolve_device

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from minillm.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
+from minillm.weights.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
 from minillm.generate.beam import translate
 from minillm.hardware import resolve_device
 

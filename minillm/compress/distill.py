@@ -21,7 +21,7 @@ B·T·V), keyed by step: a second student trained with the same seed sees the sa
 them without running the teacher again. With top-k, p_T is renormalised over its k tokens and the
 KL runs over those k (the "sparse" distillation of e.g. MiniLLM/Gemma-style top-k KD).
 
-The teacher is a minillm checkpoint, or a Hugging Face GPT-2 / BERT folder (minillm.model.pretrained);
+The teacher is a minillm checkpoint, or a Hugging Face GPT-2 / BERT folder (minillm.weights.huggingface);
 its vocabulary must be the student's: comparing two distributions needs the same tokens.
 
     minillm distill --teacher=out/big --preset=tiny --out_dir=out/distilled --alpha=0.5 --temperature=2
@@ -93,7 +93,7 @@ def teacher_logits(teacher, x: torch.Tensor) -> torch.Tensor:
 
 def load_teacher(path: str | Path, device="cpu"):
     """(model, tokenizer or None) from a minillm checkpoint or a Hugging Face GPT-2/BERT folder."""
-    from minillm.checkpoint import load_model
+    from minillm.weights.checkpoint import load_model
 
     path = Path(path)
     hf = None
@@ -103,7 +103,7 @@ def load_teacher(path: str | Path, device="cpu"):
         except ValueError:
             hf = None
     if isinstance(hf, dict) and "model" not in hf and "model_type" in hf:  # a Hugging Face folder
-        from minillm.model.pretrained import load_bert, load_gpt2
+        from minillm.weights.huggingface import load_bert, load_gpt2
 
         if hf["model_type"] not in ("gpt2", "bert"):
             raise ValueError(f"{path}: a Hugging Face {hf['model_type']!r} model; teachers can be gpt2 or bert")

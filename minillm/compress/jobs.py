@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.checkpoint import load_model, read_config, save_model
+from minillm.weights.checkpoint import load_model, read_config, save_model
 from minillm.compress import prune as P
 from minillm.compress.distill import check_compatible, distill, load_teacher
 from minillm.compress.finetune import batches, finetune, text_tokens, val_loss

@@ -31,7 +31,7 @@ structured (Michel et al. 2019 "Are Sixteen Heads Really Better than One?"; Molc
 
 Only the Linear layers inside the blocks are pruned: the token embedding (tied to the output head)
 and the head are the most sensitive layers and are left dense, as in most pruning papers.
-A pruned model saves and loads like any other (minillm/checkpoint.py): zeros are just zeros in the
+A pruned model saves and loads like any other (minillm/weights/checkpoint.py): zeros are just zeros in the
 weights, and a structurally pruned one has a smaller config.json. `minillm prune` runs all of this.
 """
 

@@ -31,7 +31,7 @@ Scales and zeros are (N, K/G), in the weights' float dtype.
     >>> model = quantize_model(model, "int4", group_size=64)     # swaps nn.Linear -> QuantLinear
     >>> set_backend(model, "triton")                             # fused Triton kernel (CUDA)
 
-Quantized checkpoints are saved and loaded like any other (minillm/checkpoint.py); `minillm quantize`
+Quantized checkpoints are saved and loaded like any other (minillm/weights/checkpoint.py); `minillm quantize`
 (minillm/compress/quantize.py) quantizes a saved one and reports what it cost.
 """
 

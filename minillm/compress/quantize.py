@@ -1,6 +1,6 @@
 """Quantize a saved checkpoint and measure what it costs and gains.
 
-The result is an ordinary checkpoint folder (minillm/checkpoint.py) whose config.json also holds
+The result is an ordinary checkpoint folder (minillm/weights/checkpoint.py) whose config.json also holds
 the quantization settings and this report:
 
     bytes          weight bytes of the float and the quantized model (what sits in GPU memory)
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minillm.checkpoint import (CONFIG_FILE, MODEL_FILE, find_checkpoint, load_model, read_config, save_model,
+from minillm.weights.checkpoint import (CONFIG_FILE, MODEL_FILE, find_checkpoint, load_model, read_config, save_model,
                                 write_manifest)
 from minillm.compress.quant import GROUP_SIZES, quantize_model, weight_bytes
 from minillm.files import write_json

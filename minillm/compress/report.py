@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.checkpoint import MODEL_FILE, find_checkpoint, load_model
+from minillm.weights.checkpoint import MODEL_FILE, find_checkpoint, load_model
 from minillm.compress.finetune import text_tokens, val_loss
 from minillm.compress.quant import QuantLinear
 from minillm.compress.quantize import recorded_data_source

@@ -13,7 +13,7 @@ pretrained ones, all with the same interface (`encode`, `decode`, `vocab_size`, 
   a regex (GPT-2's by default: words, numbers, punctuation runs, whitespace; or GPT-4's cl100k one;
   or none at all) so merges never cross a word boundary.
 - `HFTokenizer`: a Hugging Face model folder's tokenizer.json (SmolLM2, Llama, Qwen2), run by the
-  `tokenizers` library, for models loaded with minillm.model.pretrained.
+  `tokenizers` library, for models loaded with minillm.weights.huggingface.
 
 Special tokens ("[MASK]", "<|endoftext|>", ...) get ids after the ordinary vocabulary (BPE also takes
 a dict {token: id}). When their exact string appears in the text they are encoded as one id (pass

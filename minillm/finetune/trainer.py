@@ -12,7 +12,7 @@ which weights move?
         batch = next_batch(step);  loss = model(**batch)[1];  loss.backward()
         clip ‖g‖;  lr = warm-up + cosine;  AdamW step on the trainable parameters only
 
-Checkpoints use the one format of minillm/checkpoint.py (OUT/checkpoints/step-N/), so every other
+Checkpoints use the one format of minillm/weights/checkpoint.py (OUT/checkpoints/step-N/), so every other
 command (generate, eval, quantize, serve, export) takes a fine-tuned model as it is. A LoRA run also
 writes OUT/adapter/: the adapters alone (a few hundred KB) and the head, as safetensors.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.checkpoint import CHECKPOINTS_DIR, begin_checkpoint, prune_checkpoints, save_model, step_folders
+from minillm.weights.checkpoint import CHECKPOINTS_DIR, begin_checkpoint, prune_checkpoints, save_model, step_folders
 from minillm.files import write_bytes
 from minillm.finetune.config import FinetuneConfig
 from minillm.finetune.lora import apply_lora, merge_lora, save_adapter

@@ -11,9 +11,8 @@ Read in this order, the order the pieces are built in:
     losses.py        softmax and cross-entropy for next-token and masked-token prediction
     seq2seq.py       the paper's encoder–decoder: cross-attention, label smoothing, its lr schedule
     builtin_ops.py   the same layers swapped for PyTorch's fused kernels (same parameters); for_inference
-    pretrained.py    Hugging Face GPT-2, BERT and Llama-family (Llama, Mistral, Qwen2, SmolLM2)
-                     weights loaded into these classes
-    pretrained_seq2seq.py  Hugging Face BART weights loaded into the encoder–decoder (Seq2Seq)
+
+Weights files (minillm's checkpoints, Hugging Face folders) are read and written in minillm/weights/.
 """
 
 from minillm.model.attention import KVCache, MultiHeadAttention, scaled_dot_product_attention

@@ -195,7 +195,7 @@ PRESETS: dict[str, dict] = {
     ),
     # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config.json): a Llama with grouped-query
     # attention (9 query heads share 3 K/V heads), RoPE θ = 100000, tied embeddings.
-    # Load its weights with minillm.model.pretrained.load_llama(folder).
+    # Load its weights with minillm.weights.huggingface.load_llama(folder).
     "smollm2-135m": dict(
         n_layer=30, n_head=9, n_kv_head=3, n_embd=576, ffn_hidden=1536, block_size=8192, vocab_size=49152,
         positional="rotary", rope_base=100000.0, activation="swiglu", norm="rmsnorm", norm_eps=1e-5,

@@ -11,7 +11,7 @@
   a rotated query at m with a rotated key at n then depends only on m - n. Context extension
   ("rope_scaling" in Hugging Face configs) changes only the θ_i: see `rope_frequencies`.
   Hugging Face Llama pairs channel i with i + D/2 ("rotate_half") instead of i with i+1; that is the
-  same rotation on permuted channels, so pretrained.py permutes q/k weights once at load time and
+  same rotation on permuted channels, so weights/huggingface.py permutes q/k weights once at load time and
   this file keeps one layout.
 - none: no positional signal (a causal mask alone still leaks some order).
 

@@ -54,7 +54,7 @@ class Seq2SeqConfig:
     label_smoothing: float = 0.1  # ε of §5.4: hurts perplexity, helps BLEU
     # a bias on the output logits (Hugging Face BART/Marian's final_logits_bias). The paper's tied
     # output layer has none; checkpoints converted from fairseq/Marian may carry one, so loading them
-    # needs the switch (pretrained_seq2seq.py)
+    # needs the switch (minillm/weights/huggingface_seq2seq.py)
     output_bias: bool = False
 
     def __post_init__(self):

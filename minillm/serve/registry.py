@@ -65,7 +65,7 @@ def content_identity(folder: Path) -> tuple[str, int]:
         files = json.loads(manifest.read_text())["files"]
         return files["model.safetensors"]["sha256"], int(manifest.stat().st_mtime)
     except (OSError, ValueError, KeyError, TypeError):  # a Hugging Face folder has no manifest
-        from minillm.checkpoint import sha256_file
+        from minillm.weights.checkpoint import sha256_file
 
         weights = next((folder / w for w in ("model.safetensors", "pytorch_model.bin") if (folder / w).exists()), None)
         if weights is None:
@@ -143,8 +143,8 @@ class Registry:
 
     def load_version(self, name: str, path: str) -> ModelVersion:
         """Load, start and warm up a version; raises (ValueError, FileNotFoundError, ...) if it cannot serve."""
-        from minillm.checkpoint import find_checkpoint
-        from minillm.model.pretrained import is_hf_folder
+        from minillm.weights.checkpoint import find_checkpoint
+        from minillm.weights.huggingface import is_hf_folder
 
         folder = Path(path) if is_hf_folder(path) else find_checkpoint(path)
         model, tokenizer, meta = self._load(folder)

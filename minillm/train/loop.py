@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from minillm.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, begin_checkpoint, prune_checkpoints,
+from minillm.weights.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, begin_checkpoint, prune_checkpoints,
                                 save_model, step_folders)
 from minillm.data.dataset import MLM_SPECIAL_TOKENS, Dataset, prepare_dataset
 from minillm.data.pairs import NSP_SPECIAL_TOKENS

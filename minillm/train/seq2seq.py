@@ -7,7 +7,7 @@ One optimizer step is
 Every `eval_interval` steps the loss on fixed train/val pairs and the greedy BLEU of the first
 `bleu_sentences` held-out pairs ("val_bleu": what the loss is a proxy for) are logged to
 metrics.jsonl and drawn in loss.png, and a checkpoint is written through the ONE format
-(checkpoint.py: begin_checkpoint, save_model with a "seq2seq" section, prune_checkpoints) together
+(weights/checkpoint.py: begin_checkpoint, save_model with a "seq2seq" section, prune_checkpoints) together
 with the train state (state.py), so `--resume=true` continues the run exactly, as for language
 models. BLEU with beam search on a whole split is `minillm eval --metric=bleu --beam=4`.
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.checkpoint import (CHECKPOINTS_DIR, begin_checkpoint, find_checkpoint, prune_checkpoints, read_config,
+from minillm.weights.checkpoint import (CHECKPOINTS_DIR, begin_checkpoint, find_checkpoint, prune_checkpoints, read_config,
                                 save_model)
 from minillm.data.tokenizer import BPETokenizer, CharTokenizer
 from minillm.data.translation import SPECIALS, collate, translation_pairs

@@ -1,6 +1,6 @@
 """Training state for exact resume, stored without pickle.
 
-A checkpoint folder (minillm.checkpoint) holds what a *user* of the model needs: weights, config,
+A checkpoint folder (minillm.weights.checkpoint) holds what a *user* of the model needs: weights, config,
 tokenizer. Resuming a run needs more — everything that decides what happens next:
 
     optimizer state   AdamW's m, v and step count per parameter, and its hyper-parameters
@@ -20,7 +20,7 @@ optimizer state dict, plain numbers, the order of parameters) in the file's stri
         metadata: {"state": JSON}
 
 It sits in the checkpoint's step folder beside the weights, and the folder's manifest, written last,
-commits them together (minillm/checkpoint.py).
+commits them together (minillm/weights/checkpoint.py).
 
 Resuming is all here too: `resume_configs` rebuilds the run's configs from the checkpoint folder,
 and `resume` loads weights and train state into a freshly built model and optimizer, checking that
@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minillm.checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE, CheckpointError, find_checkpoint,
+from minillm.weights.checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE, CheckpointError, find_checkpoint,
                                 load_tokenizer_file, load_weights, model_config, read_config, verify)
 from minillm.files import atomic_write
 
@@ -164,7 +164,7 @@ def resume(out_dir: str | Path, model, optimizer, batch_generator: torch.Generat
            device) -> tuple[int, float, Path]:
     """Load the newest complete checkpoint of out_dir into model/optimizer/RNGs; (step, best val loss, folder).
 
-    A checkpoint is complete only once its manifest is written (minillm/checkpoint.py), so a kill
+    A checkpoint is complete only once its manifest is written (minillm/weights/checkpoint.py), so a kill
     during a save leaves the previous one to resume from. The checks: the files are what the
     manifest recorded, the weights and the train state come from the same step, and the tokenizer
     of this run's data is the one the checkpoint was trained with.

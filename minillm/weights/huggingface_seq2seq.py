@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from minillm.model.config import ModelConfig
-from minillm.model.pretrained import _load_exact, read_hf_checkpoint
+from minillm.weights.huggingface import _load_exact, read_hf_checkpoint
 from minillm.model.seq2seq import Seq2Seq, Seq2SeqConfig
 
 BART_POSITION_OFFSET = 2  # rows at the front of BART's position tables (BartLearnedPositionalEmbedding)

@@ -339,12 +339,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", backend: st
     """(model, tokenizer or None, config dict) from a checkpoint, float or quantized.
 
     path: a checkpoint folder, a training run's out_dir (its newest complete checkpoint), or a
-    Hugging Face model folder (minillm.model.pretrained.load_hf_folder).
+    Hugging Face model folder (minillm.weights.huggingface.load_hf_folder).
     config_overrides: fields that do not alter the weights, e.g. attention="sdpa".
     backend (quantized models only): the matmul of the quantized layers; None picks "triton" on
     CUDA with triton installed, "reference" otherwise.
     """
-    from minillm.model.pretrained import is_hf_folder, load_hf_folder
+    from minillm.weights.huggingface import is_hf_folder, load_hf_folder
 
     if is_hf_folder(path):  # a downloaded Hugging Face folder (Llama, Qwen2, Mistral, GPT-2, BERT)
         try:

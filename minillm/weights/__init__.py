@@ -1,0 +1,17 @@
+"""Weights on disk: the formats a model is read from and written to, apart from the model itself.
+
+Read in this order:
+    checkpoint.py            minillm's own checkpoint (safetensors + config.json), float, quantized,
+                             pruned or fine-tuned: save_model / load_model, atomic and resumable
+    huggingface.py           Hugging Face folders of GPT-2, BERT and Llama-family models (Llama,
+                             Mistral, Qwen2, SmolLM2): their configs and tensor names mapped onto
+                             minillm's classes
+    huggingface_seq2seq.py   Hugging Face BART folders into the encoder–decoder (Seq2Seq)
+
+Each reader maps a format's names and layouts onto minillm's modules and checks that every tensor
+was used; the model classes never know where their weights came from.
+"""
+
+from minillm.weights.checkpoint import load_model, save_model
+
+__all__ = ["load_model", "save_model"]
