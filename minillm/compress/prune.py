@@ -173,7 +173,7 @@ def group_scores(model: nn.Module, scores: dict[str, torch.Tensor]) -> tuple[lis
     """(head scores [(H,) per layer], neuron scores [(F,) per layer]): each group's weight scores summed."""
     cfg, heads, neurons = model.cfg, [], []
     H, D = cfg.n_head, cfg.head_dim
-    for i, block in enumerate(model.transformer.blocks):
+    for i in range(cfg.n_layer):
         s = lambda part: scores[f"transformer.blocks.{i}.{part}.weight"]  # noqa: E731
         if cfg.kv_heads != H:  # grouped-query attention: heads are not separable one by one
             heads.append(None)
@@ -182,7 +182,7 @@ def group_scores(model: nn.Module, scores: dict[str, torch.Tensor]) -> tuple[lis
             proj = s("attn.proj").reshape(cfg.n_embd, H, D)  # (C, H·D) -> (C, H, D)
             heads.append(qkv.sum(dim=(0, 2, 3)) + proj.sum(dim=(0, 2)))  # (H,)
         ffn = s("ffn.up").sum(1) + s("ffn.down").sum(0)  # rows of up + columns of down: (F,)
-        if block.ffn.gate is not None:
+        if f"transformer.blocks.{i}.ffn.gate.weight" in scores:  # SwiGLU: the gate's rows too
             ffn = ffn + s("ffn.gate").sum(1)
         neurons.append(ffn)
     return heads, neurons

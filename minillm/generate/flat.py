@@ -16,11 +16,16 @@ logits are bit-for-bit the modules' (tests/test_generate.py holds them equal acr
 norms, activations, GQA, sliding windows, padding and quantized layers). A layer FlatDecoder does
 not flatten (a quantized or LoRA linear, a written-out norm) is called through its own `forward`.
 
+The FFN is asked for its own step (`FeedForward.bound_forward`); an FFN of another type (a mixture
+of experts, say) is called through its own `forward`, so FlatDecoder never reads an FFN's weights.
+
 It is an explicit switch (`flat_decode=True` in generate_tokens, on by default in `minillm generate`
-and `minillm serve`), and it steps aside, returning None from `build`, whenever the modules must
-run themselves: forward hooks registered (they would not fire), a model other than CausalLM, or
-embeddings it does not reproduce (token types, an embedding norm). Prefill and re-prefill (T > 1)
-always run through the modules.
+and `minillm serve`): the decode core (minillm/generate/core.py) takes this branch inside
+`decode_step` when it has a FlatDecoder. `build` checks types and steps aside, returning None,
+whenever the modules must run themselves: forward hooks registered (they would not fire), a model
+other than CausalLM, a block or attention of a type it does not know (a new layer falls back to
+its modules instead of breaking here), or embeddings it does not reproduce (token types, an
+embedding norm). Prefill and re-prefill (T > 1) always run through the modules.
 """
 
 from __future__ import annotations
@@ -30,28 +35,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
 
-from minillm.model.attention import attention_dispatch
+from minillm.model.attention import MultiHeadAttention, attention_dispatch
+from minillm.model.layers import FeedForward, bound_forward
 from minillm.model.positional import LearnedPositions, SinusoidalPositions
-
-
-def _fn(m: nn.Module):
-    """x -> m(x) with the weights bound now: F.linear / F.layer_norm / F.rms_norm for PyTorch's own
-    layers (exactly what their forward calls), the module's bound forward for anything else."""
-    if type(m) is nn.Linear:
-        w, b = m.weight, m.bias
-        return lambda x: F.linear(x, w, b)
-    if type(m) is nn.LayerNorm:
-        shape, w, b, eps = m.normalized_shape, m.weight, m.bias, m.eps
-        return lambda x: F.layer_norm(x, shape, w, b, eps)
-    if type(m) is nn.RMSNorm:
-        shape, w, eps = m.normalized_shape, m.weight, m.eps
-        return lambda x: F.rms_norm(x, shape, w, eps)
-    return m.forward  # a quantized or LoRA linear, minillm's written-out norms: their own code
 
 
 def _has_hooks(model: nn.Module) -> bool:
     globals_ = (nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks)
     return any(globals_) or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _ffn_fn(ffn: nn.Module):
+    """The FFN's one-token step: FeedForward binds its own weights; any other FFN runs its forward."""
+    return ffn.bound_forward() if type(ffn) is FeedForward else ffn.forward
 
 
 class FlatDecoder:
@@ -67,24 +63,25 @@ class FlatDecoder:
                           else pos.emb.weight if isinstance(pos, LearnedPositions) else None)
         self.layers = []
         for block in tr.blocks:
-            attn, ffn = block.attn, block.ffn
-            self.layers.append((
-                _fn(block.norm1), _fn(attn.qkv), attn.rotary.forward if attn.rotary is not None else None,
-                _fn(attn.proj), _fn(block.norm2),
-                _fn(ffn.up), _fn(ffn.gate) if ffn.gate is not None else None, ffn.act, _fn(ffn.down),
-            ))
-        self.final_norm = _fn(tr.final_norm) if tr.final_norm is not None else None
-        self.lm_head = _fn(model.lm_head)
+            attn = block.attn
+            rotary = attn.rotary.forward if attn.rotary is not None else None
+            self.layers.append((bound_forward(block.norm1), bound_forward(attn.qkv), rotary,
+                                bound_forward(attn.proj), bound_forward(block.norm2), _ffn_fn(block.ffn)))
+        self.final_norm = bound_forward(tr.final_norm) if tr.final_norm is not None else None
+        self.lm_head = bound_forward(model.lm_head)
         self.H, self.H_kv = cfg.n_head, cfg.kv_heads
 
     @classmethod
     def build(cls, model: nn.Module) -> "FlatDecoder | None":
         """A FlatDecoder for `model` now (weights as they are), or None if the modules must run."""
-        from minillm.model.transformer import CausalLM
+        from minillm.model.transformer import Block, CausalLM, Transformer
 
         if type(model) is not CausalLM or model.training or _has_hooks(model):
             return None
         tr = model.transformer
+        if type(tr) is not Transformer or any(type(b) is not Block or type(b.attn) is not MultiHeadAttention
+                                              for b in tr.blocks):
+            return None  # a layer step() does not know: the modules run it
         if tr.type_emb is not None or tr.emb_norm is not None:
             return None
         if tr.pos_emb is not None and not isinstance(tr.pos_emb, (SinusoidalPositions, LearnedPositions)):
@@ -109,7 +106,7 @@ class FlatDecoder:
             x = x * self.embed_scale
         if self.pos_table is not None:
             x = x + F.embedding(positions, self.pos_table)  # (1, C) or (B, 1, C)
-        for layer, (norm1, qkv, rotary, proj, norm2, up, gate, act, down) in enumerate(self.layers):
+        for layer, (norm1, qkv, rotary, proj, norm2, ffn) in enumerate(self.layers):
             h = norm1(x) if cfg.prenorm else x
             heads = qkv(h).view(B, 1, H + 2 * H_kv, -1).transpose(1, 2)  # (B, H + 2·H_kv, 1, D)
             q, k, v = heads.split_with_sizes([H, H_kv, H_kv], dim=1)
@@ -123,11 +120,10 @@ class FlatDecoder:
             a = proj(y.transpose(1, 2).reshape(B, 1, -1))  # (B, 1, C) heads merged, then mixed
             if cfg.prenorm:
                 x = x + a
-                h = norm2(x)
-                x = x + down(act(gate(h)) * up(h) if gate is not None else act(up(h)))
+                x = x + ffn(norm2(x))
             else:
                 x = norm1(x + a)
-                x = norm2(x + down(act(gate(x)) * up(x) if gate is not None else act(up(x))))
+                x = norm2(x + ffn(x))
         cache.advance(1)
         if self.final_norm is not None:
             x = self.final_norm(x)

@@ -6,6 +6,11 @@ position-wise two-layer network of "Attention Is All You Need", FFN(x) = act(x W
 with the activations used by the models minillm reproduces: ReLU (original Transformer), GELU
 (BERT, exact erf form), GELU-tanh (GPT-2's approximation) and SwiGLU (Shazeer, 2020; Llama).
 
+Layers plug in through one factory each, `make_norm(cfg)` and `make_ffn(cfg)` (like litgpt's
+`mlp_class_name`): a new kind of FFN (a mixture of experts, say) is a new branch there, and code
+outside the FFN never reads its weights by name. A decode step that wants the FFN without the
+module machinery asks it for `bound_forward()` (minillm/generate/flat.py).
+
 Each piece is tested against its PyTorch twin in tests/test_layers.py.
 """
 
@@ -13,8 +18,11 @@ from __future__ import annotations
 
 import math
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from minillm.model.config import ModelConfig
 
@@ -58,6 +66,7 @@ def dropout(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The norm `cfg.norm` asks for: RMSNorm, or LayerNorm (with a bias when cfg.bias)."""
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
     return LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
@@ -107,6 +116,38 @@ class FeedForward(nn.Module):
         if self.swiglu:
             return self.down(self.act(self.gate(x)) * self.up(x))
         return self.down(self.act(self.up(x)))
+
+    def bound_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x -> self(x) as one plain function, with the weights as they are now bound into it:
+        the same ops in the same order as `forward` (so the same bits), without nn.Module.__call__
+        and attribute look-ups on every call. What a flat decode step runs (generate/flat.py)."""
+        up, down, act = bound_forward(self.up), bound_forward(self.down), self.act
+        if self.gate is None:
+            return lambda x: down(act(up(x)))
+        gate = bound_forward(self.gate)
+        return lambda x: down(act(gate(x)) * up(x))
+
+
+def make_ffn(cfg: ModelConfig) -> nn.Module:
+    """The position-wise FFN of a block: the one place that says which FFN a config gets."""
+    return FeedForward(cfg)
+
+
+def bound_forward(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> m(x) with m's weights bound now: F.linear / F.layer_norm / F.rms_norm for PyTorch's own
+    layers (exactly what their forward calls), the module's own bound `forward` for anything else
+    (a quantized or LoRA linear, minillm's written-out norms). Forward hooks do not fire: callers
+    check for them (generate/flat.py steps aside when a model has any)."""
+    if type(m) is nn.Linear:
+        w, b = m.weight, m.bias
+        return lambda x: F.linear(x, w, b)
+    if type(m) is nn.LayerNorm:
+        shape, w, b, eps = m.normalized_shape, m.weight, m.bias, m.eps
+        return lambda x: F.layer_norm(x, shape, w, b, eps)
+    if type(m) is nn.RMSNorm:
+        shape, w, eps = m.normalized_shape, m.weight, m.eps
+        return lambda x: F.rms_norm(x, shape, w, eps)
+    return m.forward
 
 
 class Pooler(nn.Module):

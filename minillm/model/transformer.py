@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from minillm.model.attention import KVCache, MultiHeadAttention
 from minillm.model.config import ModelConfig
-from minillm.model.layers import ACTIVATION_FNS, FeedForward, Pooler, dropout, make_norm, silu
+from minillm.model.layers import ACTIVATION_FNS, Pooler, dropout, make_ffn, make_norm, silu
 from minillm.model.losses import IGNORE_INDEX, causal_lm_loss, cross_entropy, mlm_loss
 from minillm.model.positional import Rotary, make_additive_positions
 
@@ -35,7 +35,7 @@ class Block(nn.Module):
         self.norm1 = make_norm(cfg)
         self.attn = MultiHeadAttention(cfg, rotary)
         self.norm2 = make_norm(cfg)
-        self.ffn = FeedForward(cfg)
+        self.ffn = make_ffn(cfg)
         self.ffn_drop = nn.Dropout(cfg.rate("resid"))
 
     def forward(self, x, positions, key_padding_mask=None, cache=None, layer=0):  # (B, T, C) -> (B, T, C)
