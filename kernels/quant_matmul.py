@@ -1,12 +1,12 @@
 """Weight-only quantized matmul in Triton: y = x @ dequant(W)ᵀ (+ b), dequantizing while loading W.
 
-The reference is minillm/compress/quant.py: `F.linear(x, dequantize(W))` materialises the whole
-float matrix in memory before multiplying. Here each program loads a tile of int8 / packed-int4 codes, turns them
-into floats in registers and feeds them straight to `tl.dot` — the float matrix never exists, so
-the kernel reads 1 byte (int8) or ½ byte (int4) per weight instead of 2 (bf16). At decode time
-(M = 1…16 tokens) a linear layer is memory bound, so fewer bytes is directly less time.
+The reference is QuantLinear's "reference" backend (minillm/compress/quant.py): F.linear(x,
+dequantize(W)) materialises the whole float matrix before multiplying. Here each program loads a tile
+of int8 / packed-int4 codes, turns them into floats in registers and feeds them straight to `tl.dot`:
+the float matrix never exists, so the kernel reads 1 byte (int8) or ½ byte (int4) per weight instead
+of 2 (bf16). At decode time (M = 1…16 tokens) a linear layer is memory bound: fewer bytes, less time.
 
-Math (N outputs, K inputs; codes as minillm/compress/quant.py stores them):
+Math (N outputs, K inputs; codes as minillm/compress/quant_format.py stores them):
     int8, per output channel:  y[m, n] = s[n] · Σ_k x[m, k] · q[n, k]          + b[n]
           the scale does not depend on k, so it leaves the sum: one multiply per output, in the
           epilogue, and the codes go to tl.dot as exact small integers (|q| ≤ 127 is exact in bf16).
@@ -39,7 +39,9 @@ except ImportError as e:  # the engine never needs this file; say how to get it
     raise ImportError("minillm.kernels.quant_matmul needs triton: pip install 'minillm[kernels]' "
                       "(Linux), or use QuantLinear's backend='reference'") from e
 
-from minillm.compress.quant import GROUP_SIZES  # the int4 format and its group sizes live with the reference
+# The format and its reference dequantize, from the one file of minillm that imports neither this
+# kernel nor QuantLinear (which imports this file when its backend is set to "triton").
+from minillm.compress.quant_format import GROUP_SIZES, dequantize
 
 from .common import autotuned, bucket, check_runnable, dot_precision, is_interpreted
 
@@ -116,7 +118,7 @@ def _quant_matmul_kernel(
         tl.atomic_add(y_ptrs, acc, mask=y_mask)
 
 
-# Read once, through the one shared check; minillm.compress.quant asks it (and tests patch it) here.
+# Read once, through the one shared check; QuantLinear.set_backend asks it (and tests patch it) here.
 INTERPRETED = is_interpreted()
 
 
@@ -160,7 +162,7 @@ def keep(config, args: dict) -> bool:
 def quant_matmul_fwd(x: torch.Tensor, weight_q: torch.Tensor, scales: torch.Tensor,
                      zeros: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                      scheme: str | None = None, group_size: int | None = None) -> torch.Tensor:
-    """x (..., K) float -> y (..., N) in x's dtype. Shapes and dtypes as minillm.compress.quant stores them:
+    """x (..., K) float -> y (..., N) in x's dtype. Shapes and dtypes as minillm.compress.quant_format stores them:
     int8: weight_q (N, K) int8, scales (N,);   int4: weight_q (N, K/2) uint8, scales/zeros (N, K/G)."""
     scheme = scheme or ("int8" if weight_q.dtype == torch.int8 else "int4")
     _check(x, weight_q, scales, zeros, bias, scheme, group_size)
@@ -255,8 +257,6 @@ class QuantMatmulFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from minillm.compress import dequantize
-
         weight_q, scales, zeros = ctx.saved_tensors
         w = dequantize(ctx.scheme, weight_q, scales, zeros, dy.dtype)  # (N, K)
         return dy @ w, None, None, None, None, None, None

@@ -1,8 +1,8 @@
 """Compression: smaller, cheaper models for deployment.
 
 Read in this order:
-    quant.py      weight-only int8 (per channel) and int4 (group-wise) quantization, written out:
-                  quantize / dequantize, QuantLinear, quantize_model
+    quant_format.py  the int8 (per channel) and int4 (group-wise, packed) formats: quantize / dequantize
+    quant.py      weight-only quantization of a model: QuantLinear, quantize_model, the kernel switch
     quantize.py   quantize a saved checkpoint and measure what it cost: bytes, perplexity, speed
     prune.py      pruning: unstructured magnitude (layer-wise, global, gradual), 2:4, and structured
                   (whole heads and FFN neurons removed: a smaller dense model)
