@@ -44,68 +44,11 @@ from typing import Callable
 
 import torch
 
+from minillm.generate.cache import SlotKVCache
 from minillm.generate.flat import FlatDecoder
 from minillm.generate.sampling import find_stop, held_back, sample_next
 
 log = logging.getLogger("minillm.generate.batching")
-
-
-class SlotKVCache:
-    """Keys/values for `n_slots` independent rows, each with its own length (cf. attention.KVCache).
-
-    Speaks the interface MultiHeadAttention and Transformer use (`update`, `advance`, `length`);
-    `select(first, count)` chooses which rows the next forward works on.
-    """
-
-    def __init__(self, n_layer: int, n_slots: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device=None, dtype=torch.float32):
-        shape = (n_layer, n_slots, n_kv_head, max_len, head_dim)  # H_kv heads, as attention.KVCache
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.lengths = [0] * n_slots  # on the host: reading them never waits for the GPU
-        self._rows, self._starts, self._max = slice(0, 0), None, 0
-        self.uniform = True  # do the selected rows all have the same length?
-
-    def select(self, first: int, count: int) -> torch.Tensor:
-        """Work on rows first..first+count-1 next; returns their lengths (B,) = the new tokens' positions."""
-        self._rows = slice(first, first + count)
-        lens = self.lengths[self._rows]
-        self._max, self.uniform = max(lens), len(set(lens)) == 1
-        self._starts = torch.tensor(lens, device=self.k.device)  # (B,)
-        return self._starts
-
-    @property
-    def length(self) -> int:
-        return self._max  # Transformer reads this; we always pass explicit positions anyway
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, H_kv, T, D) at each row's own length; return (B, H_kv, max_len_used, D) views."""
-        B, H, T, D = k.shape
-        end = self._max + T
-        if end > self.max_len:
-            raise ValueError(f"KV cache row is full: {self._max} cached + {T} new > max_len {self.max_len}")
-        if self.uniform:  # all rows equally long (a prefill, or n samples of one prompt): a slice write
-            self.k[layer, self._rows, :, self._max:end] = k
-            self.v[layer, self._rows, :, self._max:end] = v
-        else:  # ragged rows decode one token each, written at (row b, position starts[b])
-            if T != 1:
-                raise ValueError("rows of different lengths can only advance one token at a time")
-            b = torch.arange(B, device=k.device)
-            self.k[layer, self._rows][b, :, self._starts] = k[:, :, 0]  # (B, H, D) scattered
-            self.v[layer, self._rows][b, :, self._starts] = v[:, :, 0]
-        return self.k[layer, self._rows, :, :end], self.v[layer, self._rows, :, :end]  # (B, H, Tk, D)
-
-    def advance(self, T: int) -> None:
-        for i in range(self._rows.start, self._rows.stop):
-            self.lengths[i] += T
-
-    def copy_row(self, src: int, dst: int) -> None:
-        """Row dst becomes a copy of row src (a forked sample, or packing rows after one leaves)."""
-        n = self.lengths[src]
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
-        self.lengths[dst] = n
 
 
 @dataclass

@@ -139,28 +139,40 @@ class KVCache:
     the model advances `length` after the last layer. It holds H_kv heads, not H: with grouped-query
     attention that is the whole saving (2·L·H_kv·D numbers per token, see the module docstring).
 
+    The verbs every decode cache speaks (minillm/generate/cache.py; nanochat's KV cache has the same
+    few): `update` (a layer appends its k, v) and `advance` (the model, after the last layer),
+    `length`, `rewind(n)` (forget all but the first n tokens: speculative decoding, re-prefill),
+    `reorder(index)` (rows follow an index: beam search) and `positions_and_mask(T)` (each row's
+    positions for T new tokens). All rows share one length; rows of different lengths are LEFT
+    padded (`pad_left`): pad columns are hidden as keys and each row counts positions from its
+    first real token, so a padded row computes what it would alone.
+
     With a sliding window W < max_len, a query never looks further back than W-1 tokens, so only
-    the last W-1 tokens are kept: memory stays W-1 tokens however long the text grows. `update` then
-    returns the kept tokens followed by the new ones — always consecutive positions ending at the
-    newest query, which is all the bottom-right mask needs. Keys are stored already rotated (RoPE at
-    their absolute positions), so dropping old ones never changes the ones kept; `length` keeps
-    counting absolute positions.
+    the last W-1 tokens are kept (plus `spare` more, so that `rewind` can go back that far): memory
+    stays bounded however long the text grows. `update` then returns the kept tokens followed by
+    the new ones — always consecutive positions ending at the newest query, which is all the
+    bottom-right window mask needs. Keys are stored already rotated (RoPE at their absolute
+    positions), so dropping old ones never changes the ones kept; `length` keeps counting absolute
+    positions.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device=None, dtype=torch.float32, window: int | None = None):
-        # a window at least max_len long never hides a key: keep the plain, copy-free cache then
-        self.window = window if window is not None and window < max_len else None
-        keep = max_len if self.window is None else self.window - 1
+                 device=None, dtype=torch.float32, window: int | None = None, spare: int = 0):
+        # a window whose kept tokens fill max_len anyway never drops one: the plain, copy-free cache
+        keep = max_len if window is None else min(window - 1 + spare, max_len)
+        self.window = window if keep < max_len else None
         shape = (n_layer, batch_size, n_kv_head, keep, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0  # tokens already seen (the same for every row; left padding handles ragged prompts)
+        self.held = 0  # with a window: how many of the last tokens k, v hold (oldest first)
+        self.pad: torch.Tensor | None = None  # (B,) left-pad columns of each row, None = no padding
+        self._real: torch.Tensor | None = None  # (B, n) column c of row b is a real token
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, H_kv, T, D) after the cached tokens; return the (B, H_kv, Tk, D) k, v to attend
-        over: all length+T tokens, or with a window the last min(length, W-1) cached ones + the T new."""
+        over: all length+T tokens, or with a window the `held` kept ones + the T new."""
         T = k.shape[-2]
         if self.window is not None:
             return self._update_window(layer, k, v)
@@ -172,17 +184,69 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def _update_window(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        T, keep = k.shape[-2], self.k.shape[3]  # keep = W - 1
-        n = min(self.length, keep)  # cached tokens still inside the window of the next query
+        T, keep, n = k.shape[-2], self.k.shape[3], self.held  # keep = W - 1 (+ spare)
         k_all = torch.cat([self.k[layer, :, :, :n], k], dim=2)  # (B, H_kv, n + T, D), oldest first
         v_all = torch.cat([self.v[layer, :, :, :n], v], dim=2)
-        m = min(n + T, keep)  # how many of them the next query can still see
+        m = min(n + T, keep)  # how many of them the cache keeps for the next queries
         self.k[layer, :, :, :m] = k_all[:, :, n + T - m:]  # crop: slide the window forward
         self.v[layer, :, :, :m] = v_all[:, :, n + T - m:]
         return k_all, v_all
 
     def advance(self, T: int) -> None:
         self.length += T
+        if self.window is not None:
+            self.held = min(self.held + T, self.k.shape[3])
+
+    def rewind(self, length: int) -> None:
+        """Forget every token after the first `length` (0 empties the cache, its padding too).
+
+        The kept keys stay as they are: only the count moves back. A sliding-window cache that has
+        already dropped keys the next query would need cannot go back: ValueError (build it with
+        `spare` = the furthest rewind you need)."""
+        back = self.length - length
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a cache of {self.length} tokens to {length}")
+        if self.window is not None and length > 0 and self.held - back < min(length, self.window - 1):
+            raise ValueError(f"cannot rewind this sliding-window cache by {back} tokens: it keeps only the "
+                             f"last {self.k.shape[3]}, and the keys needed were dropped (make it with spare>={back})")
+        self.length = length
+        self.held = max(self.held - back, 0) if length > 0 else 0
+        if length == 0:
+            self.pad = self._real = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i becomes old row index[i] (beam search keeps the survivors' caches this way)."""
+        self.k, self.v = self.k[:, index], self.v[:, index]  # (L, B', H_kv, keep, D)
+        if self.pad is not None:
+            self.pad, self._real = self.pad[index], self._real[index]
+
+    def pad_left(self, key_padding_mask: torch.Tensor) -> None:
+        """Before a prefill into the empty cache: key_padding_mask (B, T), True = real token, False
+        = a row's left padding. From then on the cache hides the pad columns and numbers each row
+        from its first real token (`positions_and_mask`)."""
+        if self.length != 0:
+            raise ValueError("pad_left describes a prompt's columns: call it on an empty cache")
+        mask = key_padding_mask.bool()
+        self.pad = (~mask).sum(dim=1)  # (B,) left-pad columns of each row
+        self._real = self._widen(mask, mask.shape[1] + self.max_len)  # (B, T + max_len)
+
+    @staticmethod
+    def _widen(real: torch.Tensor, n: int) -> torch.Tensor:
+        """real (B, t) -> (B, n): every column after the prompt is a real token."""
+        return torch.cat([real, real.new_ones(real.shape[0], n - real.shape[1])], dim=1)
+
+    def positions_and_mask(self, T: int):
+        """(positions, key_padding_mask) for T new tokens per row: positions (B, T) and the mask
+        (B, length + T) of real keys for padded rows; (None, None) without padding, where the model
+        counts positions from `length` itself and no key is hidden."""
+        if self.pad is None:
+            return None, None
+        if self.length + T > self._real.shape[1]:  # (a sliding-window cache may run past max_len)
+            self._real = self._widen(self._real, 2 * (self.length + T))
+        if T == 1:  # a decode step: the cheap case, one subtraction
+            return (self.length - self.pad)[:, None], self._real[:, :self.length + 1]  # (B, 1), (B, Tk)
+        cols = torch.arange(self.length, self.length + T, device=self.pad.device)  # (T,)
+        return (cols - self.pad[:, None]).clamp_min(0), self._real[:, :self.length + T]  # pads: position 0
 
 
 def _sdpa_supports_gqa() -> bool:

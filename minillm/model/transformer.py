@@ -131,12 +131,16 @@ class CausalLM(nn.Module):
         loss = causal_lm_loss(logits, targets) if targets is not None else None
         return logits, loss
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None,
+                  spare: int = 0) -> KVCache:
+        """An empty KV cache for `batch_size` rows of up to max_len (block_size) tokens; with a
+        sliding window it keeps the last W-1 tokens, plus `spare` to allow rewinding that far."""
         cfg = self.cfg
         p = self.transformer.tok_emb.weight  # a float parameter even when linear layers are quantized
         # H_kv heads (grouped-query attention stores only those); a sliding window keeps W-1 tokens
         return KVCache(cfg.n_layer, batch_size, cfg.kv_heads, max_len or cfg.block_size, cfg.head_dim,
-                       device=device or p.device, dtype=dtype or p.dtype, window=cfg.sliding_window)
+                       device=device or p.device, dtype=dtype or p.dtype, window=cfg.sliding_window,
+                       spare=spare)
 
 
 class MaskedLM(nn.Module):
