@@ -117,3 +117,93 @@ def test_batch_engine_keeps_serving_a_model_with_an_unknown_ffn():
         ref = generate(model, torch.tensor([p]), 10, temperature=0.0)[0, len(p):]
         assert ev.finish_reason == "length" and ev.text == tok.decode(ref.tolist())
     assert second[0].text == first[0].text[:5]
+
+
+# --- the cache verbs and the core's functions, against one forward of the whole sequence ----------
+
+from minillm.generate.cache import SlotKVCache  # noqa: E402
+from minillm.generate.core import decode_step, extend, prefill  # noqa: E402
+
+
+def full_logits(model, idx, mask=None):
+    """Logits (B, T, V) of one uncached forward: what every cached path must reproduce."""
+    from minillm.generate.core import positions_from_mask
+    with torch.no_grad():
+        pos = None if mask is None else positions_from_mask(mask)
+        return model(idx, positions=pos, key_padding_mask=mask)[0]
+
+
+@pytest.mark.parametrize("kw", [dict(positional="learned"), dict(positional="rotary", n_kv_head=1)])
+def test_prefill_decode_step_and_extend_equal_one_whole_forward(kw):
+    model = tiny_model(**kw)
+    idx, mask = left_pad([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [1, 2, 3, 4]])
+    want = full_logits(model, idx, mask)  # (2, 10, V)
+    flat = FlatDecoder.build(model)
+    for f in (None, flat):
+        cache = model.new_cache(2)
+        with torch.no_grad():
+            got = [prefill(model, idx[:, :6], cache, mask[:, :6])]  # (B, V) at position 5
+            got += [decode_step(model, idx[:, t:t + 1], cache, f) for t in (6, 7)]
+            tail = extend(model, idx[:, 8:], cache)  # (B, 2, V): two tokens at once
+        torch.testing.assert_close(torch.stack(got, 1), want[:, 5:8], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tail, want[:, 8:], atol=1e-5, rtol=1e-5)
+        assert cache.length == 10
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_rewind_forgets_a_rejected_draft(window):
+    model = tiny_model(positional="rotary", sliding_window=window)
+    idx = torch.randint(0, 40, (2, 14), generator=torch.Generator().manual_seed(0))
+    draft = torch.randint(0, 40, (2, 3), generator=torch.Generator().manual_seed(1))
+    want = full_logits(model, idx)
+    cache = model.new_cache(2, spare=3)  # a window cache keeps 3 more keys, so it can go back 3
+    with torch.no_grad():
+        prefill(model, idx[:, :10], cache)
+        extend(model, draft, cache)  # a draft that turns out wrong ...
+        cache.rewind(10)  # ... is forgotten
+        got = extend(model, idx[:, 10:], cache)
+    torch.testing.assert_close(got, want[:, 10:], atol=1e-5, rtol=1e-5)
+
+
+def test_a_window_cache_refuses_to_rewind_past_the_keys_it_dropped():
+    model = tiny_model(positional="rotary", sliding_window=5)
+    cache = model.new_cache(1)  # keeps only the last W-1 = 4 keys
+    with torch.no_grad():
+        prefill(model, torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), cache)
+    with pytest.raises(ValueError, match="sliding-window"):
+        cache.rewind(7)
+    assert cache.length == 8
+    cache.rewind(0)  # emptying is always possible
+    assert cache.length == 0
+
+
+def test_reorder_makes_rows_follow_an_index():
+    model = tiny_model(positional="rotary")
+    idx = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(2))
+    index = torch.tensor([2, 0, 0])
+    want = full_logits(model, idx[index])
+    cache = model.new_cache(3)
+    with torch.no_grad():
+        prefill(model, idx[:, :6], cache)
+        cache.reorder(index)  # beam search: survivors continue other rows' prefixes
+        got = extend(model, idx[index, 6:], cache)
+    torch.testing.assert_close(got, want[:, 6:], atol=1e-5, rtol=1e-5)
+
+
+def test_slot_cache_rows_of_their_own_length_through_the_same_core():
+    model = tiny_model(positional="learned")
+    cfg = model.cfg
+    rows = [[3, 4, 5, 6, 7, 8], [9, 10, 11]]
+    cache = SlotKVCache(cfg.n_layer, 4, cfg.kv_heads, cfg.block_size, cfg.head_dim)
+    with torch.no_grad():
+        for slot, r in enumerate(rows):  # each prompt alone into its slot, as the engine does
+            cache.select(slot, 1)
+            prefill(model, torch.tensor([r[:-1]]), cache)
+        cache.select(0, 2)  # ragged: lengths 5 and 2
+        got = decode_step(model, torch.tensor([[r[-1]] for r in rows]), cache)  # (2, V)
+        assert cache.lengths[:2] == [6, 3]
+        cache.rewind([5, 2])  # each row back by one ...
+        again = decode_step(model, torch.tensor([[r[-1]] for r in rows]), cache)  # ... and the same again
+    for b, r in enumerate(rows):
+        torch.testing.assert_close(got[b], full_logits(model, torch.tensor([r]))[0, -1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got, again)

@@ -1,10 +1,4 @@
-"""Sampling text from a causal LM: KV cache, greedy / temperature / top-k / top-p, batches, streaming.
-
-Autoregressive decoding repeats "run the model, pick the next token from the last position's
-distribution, append it". Without a cache each step re-runs the whole prefix (O(T²) attention work
-per token, nanoGPT's sample.py); with a KV cache (minillm.model.attention.KVCache) the prompt is run once
-("prefill") and each new token costs one position ("decode"). Both paths compute the same function,
-so under a fixed seed they pick the same tokens (tests/test_generate.py).
+"""Sampling text from a causal LM: greedy / temperature / top-k / top-p, batches, streaming, past block_size.
 
 Picking a token from logits z (one row of the vocabulary):
     greedy        argmax z                                    (temperature = 0)
@@ -13,42 +7,15 @@ Picking a token from logits z (one row of the vocabulary):
     top-p         keep the smallest set of tokens whose probability adds up to ≥ p   ("nucleus",
                   Holtzman et al., 2019); the most likely token is always kept
 
-Several prompts of different lengths run as one batch by LEFT padding: every row's last prompt token
-sits in the same (last) column, so one forward step extends every row. Pad keys are hidden with a
-key_padding_mask, and each row's positions start at 0 at its first real token, so a padded row
-computes exactly what it would alone.
+`generate_tokens` is the single-prompt (or batch) loop: it samples from the logits of the decode
+core (minillm/generate/core.py: `prefill`, then one `decode_step` per token). Several prompts of
+different lengths run as one batch by LEFT padding: every row's last prompt token sits in the same
+(last) column, so one step extends every row; the cache hides the pads and numbers each row from
+its first real token, so a padded row computes exactly what it would alone.
 
-Context limit: a prompt longer than block_size is cropped to its last block_size tokens. Past
-block_size the model cannot see everything any more, and the KV cache cannot simply keep going: with
-learned or sinusoidal positions there is no position block_size, and dropping the oldest cached key
-would leave every other key at the wrong position (they were computed at positions 0..block_size-1,
-and the next window would number them from 0 again). nanoGPT re-runs the last block_size tokens from
-scratch for EVERY new token: always the fullest context, at the price of a whole forward pass
-(P(T) for T = block_size tokens) per token, where cached decoding costs one position (D).
-
-We re-prefill instead ("cached re-prefill", stride K = `window_stride`): when the cache is full, keep
-the last T-K+1 tokens, run them once into an emptied cache (numbered from position 0), and decode
-K-1 more tokens cached; then the cache is full again and the cycle repeats. Per K tokens:
-
-    nanoGPT sliding window    K · P(T)
-    cached re-prefill         P(T-K+1) + (K-1) · D        per token ≈ P(T-K+1)/K + D
-
-With a compute-bound model P(n) ≈ n·D, so for K = T/4 a token costs about 4D instead of T·D (T = 256:
-~60× less work). A tiny model on a CPU is bound by per-call overhead instead: for the `tiny` preset
-P(64) is only ~3·D through the modules, ~4·D with flat decode steps (minillm/generate/flat.py,
-`flat_decode=True`), so its gain is capped near P(T)/D whatever K is (bench/decode.py measures
-it); the larger the model, the closer the gain gets to T/4.
-
-The price is context: right after a re-prefill the model sees T-K+1 tokens, growing back to T
-before the next one, where nanoGPT always sees T. So this is a different function from nanoGPT's
-once generation passes block_size, and an explicit choice: window_stride=1 re-prefills every token
-with the last T tokens, which IS nanoGPT's sliding window (the old behaviour, token for token); the
-default K = block_size // 4 keeps at least 3/4 of the context. The stride defines what the model
-conditions on, and use_cache only changes the cost: uncached decoding runs the same contexts, so
-cached and uncached decoding still pick the same tokens at every stride.
-(A RoPE model could keep its cache and go on to positions past block_size, since attention only
-sees position differences, but only a model trained to extrapolate would make sense of them; we do
-not do that.)
+Past block_size the context falls back by `window_stride` tokens and is re-prefilled (K = block_size
+// 4 by default; 1 is nanoGPT's sliding window, token for token): see `_fall_back` for why and what
+it costs. Cached and uncached decoding condition on the same contexts, so they pick the same tokens.
 
     >>> out = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200)
     >>> texts = generate_text(model, tokenizer, ["ROMEO:", "JULIET:"], 100, stream=print_piece)
@@ -60,7 +27,11 @@ from typing import Callable, Iterator
 
 import torch
 
+from minillm.generate.core import decode_step, positions_from_mask, prefill
 from minillm.generate.flat import FlatDecoder
+
+__all__ = ["generate", "generate_text", "generate_tokens", "left_pad", "positions_from_mask", "sample_next",
+           "top_k_filter", "top_p_filter"]
 
 # --- choosing the next token ------------------------------------------------------------------
 
@@ -137,28 +108,11 @@ def _check_rows(row_max: torch.Tensor) -> None:
                          f"nothing to sample from")
 
 
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool, True = real token -> (B, T) positions counting real tokens from 0 (pads get 0)."""
-    return (mask.long().cumsum(dim=-1) - 1).clamp_min(0)
-
-
 # --- the decoding loop ------------------------------------------------------------------------
 
-@torch.inference_mode()
-def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                    top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-                    generator: torch.Generator | None = None,
-                    key_padding_mask: torch.Tensor | None = None,
-                    window_stride: int | None = None, flat_decode: bool = False) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,), `max_new_tokens` times. Stop early by breaking.
-
-    idx (B, T) prompt ids, left-padded when key_padding_mask (B, T) (True = real token) is given.
-    window_stride: K in 1..block_size, how far the context falls back when it is full (see the module
-    docstring): the model then conditions on the last block_size-K+1 .. block_size tokens.
-    1 = nanoGPT's sliding window (always block_size tokens); None = block_size // 4.
-    flat_decode: run cached one-token steps through minillm.generate.flat (the same ops without
-    the module tree: the same tokens, less Python per token); prefills still run the modules.
-    """
+def _fit_prompt(model, idx: torch.Tensor, key_padding_mask: torch.Tensor | None, window_stride: int | None):
+    """Check the arguments of generate_tokens; returns idx, mask (cropped to block_size, columns
+    that are padding in every row dropped; mask None when no row is padded) and the stride K."""
     if not getattr(model.cfg, "causal", False):
         raise ValueError("generation needs a causal LM; a masked LM (BERT-style) cannot continue text")
     if idx.dim() != 2 or idx.shape[1] == 0:
@@ -175,31 +129,53 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
         raise ValueError("every row's last token must be real: pad prompts on the LEFT")
     keep = int(mask.any(dim=0).nonzero()[0, 0])  # drop columns that are padding in every row
     idx, mask = idx[:, keep:][:, -block_size:], mask[:, keep:][:, -block_size:]  # crop to the context
-    padded = not bool(mask.all())
+    return idx, (None if bool(mask.all()) else mask), stride
 
-    def forward(ids, m, cache=None, positions=None):
-        # without padding, positions=None lets the model count from the cache's length itself
-        kpm = m if padded else None
-        logits, _ = model(ids, positions=positions if padded else None, key_padding_mask=kpm, cache=cache)
-        return logits[:, -1, :]  # (B, V) the last position predicts the next token
 
-    def padding_state(m):
-        # padded rows only: the mask with room to grow by real columns (B, n + block_size), and each
-        # row's next position (B, 1) = its real tokens so far
-        return torch.cat([m, m.new_ones(B, block_size)], dim=1), m.sum(dim=1, keepdim=True)
+def _fall_back(idx: torch.Tensor, mask: torch.Tensor | None, keep: int):
+    """The context is full: keep its last `keep` = block_size - K + 1 columns, to be re-prefilled.
 
+    The KV cache cannot simply slide: with learned or sinusoidal positions there is no position
+    block_size, and dropping the oldest key would leave every other key at the wrong position.
+    nanoGPT re-runs the last T = block_size tokens for EVERY new token, a whole forward P(T) per
+    token where a cached step costs one position D. Re-prefilling every K tokens instead costs, per
+    K tokens, P(T-K+1) + (K-1)·D, about P(T-K+1)/K + D per token: with P(n) ≈ n·D and K = T/4 ~4D
+    instead of T·D (T = 256: ~60x less work; a tiny CPU model, bound by per-call overhead, gains
+    less: bench/decode.py measures it). The price is context: right after a re-prefill the model
+    sees T-K+1 tokens, growing back to T, where nanoGPT always sees T. So past block_size this is
+    a different function from nanoGPT's, chosen explicitly: K = 1 IS nanoGPT's window, and the
+    default K = T // 4 keeps at least 3/4 of the context. (A RoPE model could keep its cache past
+    block_size, but only a model trained to extrapolate would make sense of those positions.)"""
+    return idx[:, -keep:], (None if mask is None else mask[:, -keep:])
+
+
+@torch.inference_mode()
+def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+                    generator: torch.Generator | None = None,
+                    key_padding_mask: torch.Tensor | None = None,
+                    window_stride: int | None = None, flat_decode: bool = False) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), `max_new_tokens` times. Stop early by breaking.
+
+    idx (B, T) prompt ids, left-padded when key_padding_mask (B, T) (True = real token) is given.
+    window_stride: K in 1..block_size, how far the context falls back when it is full (`_fall_back`):
+    the model then conditions on the last block_size-K+1 .. block_size tokens.
+    1 = nanoGPT's sliding window (always block_size tokens); None = block_size // 4.
+    flat_decode: run cached one-token steps through minillm.generate.flat (the same ops without
+    the module tree: the same tokens, less Python per token); prefills still run the modules.
+    """
+    idx, mask, stride = _fit_prompt(model, idx, key_padding_mask, window_stride)
+    B, block_size = idx.shape[0], model.cfg.block_size
     was_training = model.training
     model.eval()  # no dropout while sampling
-    B = idx.shape[0]
     try:
-        # invariant: idx, mask + the tokens in `pending` are the context the model conditions on
+        # invariant: idx (mask) + the tokens in `pending` are the context the model conditions on
         # (what the cache holds); n counts its columns, pads included
         cache = model.new_cache(B, block_size) if use_cache else None
-        flat = FlatDecoder.build(model) if flat_decode and cache is not None else None  # None: use the modules
-        logits = forward(idx, mask, cache, positions_from_mask(mask))  # prefill (or first uncached step)
+        flat = FlatDecoder.build(model) if flat_decode and cache is not None else None  # None: the modules
+        logits = prefill(model, idx, cache, mask)  # (B, V); uncached: the first whole-context step
         pending: list[torch.Tensor] = []  # tokens sampled since idx was last rebuilt, each (B,)
         n = idx.shape[1]
-        grown, pos = padding_state(mask) if padded else (None, None)
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             yield nxt
@@ -208,30 +184,20 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
             pending.append(nxt)
             n += 1
             if n <= block_size and cache is not None:
-                # decode: only the new token goes in; the cache holds the rest. (No torch.cat of
-                # the whole context per token: the tokens wait in `pending` until a rebuild.)
-                kpm = grown[:, :n] if padded else None  # (B, n) the keys in the cache
-                if flat is not None:
-                    logits = flat.step(nxt[:, None], cache, pos, kpm)
-                else:
-                    logits = forward(nxt[:, None], kpm, cache, pos)
-                if padded:
-                    pos = pos + 1
+                # only the new token goes in; the cache holds the rest. (No torch.cat of the whole
+                # context per token: the tokens wait in `pending` until a rebuild.)
+                logits = decode_step(model, nxt[:, None], cache, flat)
                 continue
             idx = torch.cat([idx, torch.stack(pending, dim=1)], dim=1)  # (B, n)
-            mask = torch.cat([mask, mask.new_ones(B, len(pending))], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(B, len(pending))], dim=1)
             pending = []
-            if n > block_size:
-                # the context is full: fall back to its last block_size - K + 1 tokens, numbered
-                # from 0 again (each row from its first real token), leaving room for K - 1 decodes
+            if n > block_size:  # full: fall back, numbered from 0 again, room for K - 1 decodes
                 n = block_size - stride + 1
-                idx, mask = idx[:, -n:], mask[:, -n:]
+                idx, mask = _fall_back(idx, mask, n)
                 if cache is not None:
-                    cache.length = 0  # empty it: the old keys sit at positions that are now wrong
-            # re-prefill into the emptied cache, or (uncached) re-run the whole context
-            logits = forward(idx, mask, cache, positions_from_mask(mask))
-            if padded and cache is not None:  # (uncached steps re-run the whole context instead)
-                grown, pos = padding_state(mask)
+                    cache.rewind(0)  # empty it: the old keys sit at positions that are now wrong
+            logits = prefill(model, idx, cache, mask)  # re-prefill, or (uncached) the whole context
     finally:
         model.train(was_training)
 
