@@ -1,21 +1,21 @@
-"""Where training text comes from: named corpora and local files.
+"""Where training text comes from: the named corpora, local files, and the one download helper.
 
-    load_text("python-docs")     the embedded default: the documentation topics every CPython ships
-                                 (`pydoc_data.topics`, ~470k characters), so training works offline
-    load_text("shakespeare")     tiny-shakespeare (Karpathy's char-rnn, 1.1 MB), downloaded once,
-                                 checked against its sha256 and kept in the user cache dir
-    load_text("sst2-text")       the sentences of SST-2's training split, one per line, labels dropped:
-                                 in-domain text for pre-training a model later fine-tuned on SST-2
-                                 (downloaded and checked as minillm/data/tasks.py does; dev is not used)
-    load_text("notes.txt")       any UTF-8 .txt file, or a folder of them (sorted, concatenated)
+    "python-docs"   the embedded default: the documentation topics every CPython ships
+                    (`pydoc_data.topics`, ~470k characters), so training works offline
+    "shakespeare"   tiny-shakespeare (Karpathy's char-rnn, 1.1 MB), downloaded once, checked against
+                    its sha256 and kept in the user cache dir
+    "sst2-text"     the sentences of SST-2's training split, one per line, labels dropped: in-domain
+                    text for pre-training a model later fine-tuned on SST-2 (downloaded by tasks.py)
+    notes.txt       any UTF-8 .txt file, or a folder of them (sorted, concatenated)
 
-The cache dir is `$XDG_CACHE_HOME/minillm` (else `~/.cache/minillm`), or the `cache_dir` argument.
+`load_text(name or path)` in dataset.py picks among them. This file imports nothing else from
+minillm/data/: tasks.py and translation.py download through its `_fetch`, `sha256_hex` and
+`default_cache_dir` (`$XDG_CACHE_HOME/minillm`, else `~/.cache/minillm`, or a `cache_dir` argument).
 """
 
 from __future__ import annotations
 
 import codecs
-import difflib
 import hashlib
 import io
 import os
@@ -137,40 +137,6 @@ def iter_path(path: str | Path, chunk_bytes: int = 1 << 20) -> Iterator[str]:
 def read_path(path: str | Path) -> str:
     """A .txt file, or every .txt file under a folder in sorted path order, each ending in a newline."""
     return "".join(iter_path(path))
-
-
-def iter_text(source: str | Path, cache_dir: str | Path | None = None,
-              chunk_bytes: int = 1 << 20) -> Iterator[str]:
-    """`load_text(source)` in pieces: a local file or folder is streamed, a named corpus (a few MB at
-    most) is loaded whole and handed out in pieces. No check for emptiness: the caller counts."""
-    if str(source) not in CORPORA and Path(source).expanduser().exists():
-        yield from iter_path(source, chunk_bytes)
-        return
-    text = load_text(source, cache_dir)
-    for i in range(0, len(text), chunk_bytes):
-        yield text[i:i + chunk_bytes]
-
-
-def load_text(source: str | Path, cache_dir: str | Path | None = None) -> str:
-    """Text of a named corpus ("python-docs", "shakespeare", "sst2-text") or of a local file/folder."""
-    if str(source) == "python-docs":
-        text = python_docs_text()
-    elif str(source) == "shakespeare":
-        text = shakespeare_text(cache_dir)
-    elif str(source) == "sst2-text":
-        from minillm.data.tasks import read_labelled, sst2_files  # (tasks.py imports this module)
-
-        text = "\n".join(read_labelled(sst2_files(cache_dir)[0], "sentence", "label")[0]) + "\n"
-    elif Path(source).expanduser().exists():
-        text = read_path(source)
-    else:
-        close = difflib.get_close_matches(str(source), CORPORA, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise FileNotFoundError(f"data source {str(source)!r} is neither a corpus name "
-                                f"({', '.join(CORPORA)}) nor an existing file or folder{hint}")
-    if not text:
-        raise ValueError(f"data source {str(source)!r} is empty")
-    return text
 
 
 def source_name(source: str | Path, text: str | None = None, text_sha256: str | None = None) -> str:

@@ -2,7 +2,8 @@
 
 The recipe is nanoGPT's `data/shakespeare_char/prepare.py` + `train.py:get_batch`:
 
-1. read the text (`minillm.data.corpora`: "python-docs", "shakespeare", or a .txt file/folder);
+1. read the text: `load_text` takes a corpus name ("python-docs", "shakespeare", "sst2-text"; see
+   corpora.py) or a .txt file/folder;
 2. split it by characters: the first 90% is train, the rest val;
 3. tokenize both and store them as flat uint16 arrays (uint32 when the vocabulary is > 65535),
    read back with `np.memmap`, so a dataset larger than memory still works and opening it is free.
@@ -16,12 +17,13 @@ Prepared datasets live in `<cache dir>/datasets/<name>-<tokenizer>-<key>/` (trai
 tokenizer.json, meta.json), where the key hashes the text and the tokenizer settings: preparing the
 same thing twice reuses the folder.
 
-For BERT-style masked-LM training, `mask_tokens` applies BERT's 80/10/10 masking to a batch.
-
+For BERT-style masked-LM training, `mask_tokens` applies BERT's 80/10/10 masking to a batch; the
+positions it leaves out get the label IGNORE_INDEX, which the losses (minillm/model/losses.py) skip.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -34,19 +36,57 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from minillm.data.corpora import iter_text, default_cache_dir, load_text, sha256_hex, source_name
-from minillm.model.losses import IGNORE_INDEX
+from minillm.data.corpora import (CORPORA, default_cache_dir, iter_path, python_docs_text, read_path, sha256_hex,
+                                  shakespeare_text, source_name)
+from minillm.data.tasks import read_labelled, sst2_files
 from minillm.data.tokenizer import SPLIT_PATTERNS, BPETokenizer, CharTokenizer, load_tokenizer
 
-__all__ = ["Dataset", "prepare_dataset", "split_text", "get_batch", "mask_tokens", "load_text", "MLM_SPECIAL_TOKENS"]
+__all__ = ["Dataset", "prepare_dataset", "split_text", "get_batch", "mask_tokens", "load_text", "iter_text",
+           "IGNORE_INDEX", "MLM_SPECIAL_TOKENS"]
 
 DEFAULT_BPE_VOCAB = 1024
 MLM_SPECIAL_TOKENS = ("[PAD]", "[MASK]")  # what mask_tokens needs; pass as special_tokens=
+# The label of a position that does not count (PyTorch's and Hugging Face's value). The data stage
+# writes it (masked LM, instruction prompts, padding) and minillm.model.losses skips it: it lives
+# here, with the labels' makers, so that the data stage never imports the model.
+IGNORE_INDEX = -100
 # Bump when the on-disk layout or the ids change: old cache folders are then ignored. 2: BPE files of
 # texts over 1M characters were cut into pieces that could split a whitespace run ("\n\n" before a
 # word became "\n\n" instead of "\n", "\n"); now streamed at exact cuts, ids equal encode(whole text).
 FORMAT_VERSION = 2
 _CHUNK_CHARS = 1 << 19  # read ~512k characters (UTF-8 bytes) at a time: bounded memory, a progress bar
+
+
+def load_text(source: str | Path, cache_dir: str | Path | None = None) -> str:
+    """Text of a named corpus ("python-docs", "shakespeare", "sst2-text") or of a local file/folder."""
+    if str(source) == "python-docs":
+        text = python_docs_text()
+    elif str(source) == "shakespeare":
+        text = shakespeare_text(cache_dir)
+    elif str(source) == "sst2-text":
+        text = "\n".join(read_labelled(sst2_files(cache_dir)[0], "sentence", "label")[0]) + "\n"
+    elif Path(source).expanduser().exists():
+        text = read_path(source)
+    else:
+        close = difflib.get_close_matches(str(source), CORPORA, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise FileNotFoundError(f"data source {str(source)!r} is neither a corpus name "
+                                f"({', '.join(CORPORA)}) nor an existing file or folder{hint}")
+    if not text:
+        raise ValueError(f"data source {str(source)!r} is empty")
+    return text
+
+
+def iter_text(source: str | Path, cache_dir: str | Path | None = None,
+              chunk_bytes: int = 1 << 20) -> Iterator[str]:
+    """`load_text(source)` in pieces: a local file or folder is streamed, a named corpus (a few MB at
+    most) is loaded whole and handed out in pieces. No check for emptiness: the caller counts."""
+    if str(source) not in CORPORA and Path(source).expanduser().exists():
+        yield from iter_path(source, chunk_bytes)
+        return
+    text = load_text(source, cache_dir)
+    for i in range(0, len(text), chunk_bytes):
+        yield text[i:i + chunk_bytes]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100  # the label of positions that do not count (PyTorch's and Hugging Face's value)
+from minillm.data.dataset import IGNORE_INDEX  # -100, the label of positions that do not count (made by data)
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""A pretrained model's own tokenizer: a Hugging Face tokenizer.json, run by the `tokenizers` library.
+
+For models loaded with minillm.weights.huggingface (SmolLM2, Llama, Qwen2), behind the interface of
+the tokenizers trained here (encode, decode, vocab_size, special_tokens, to_dict/save).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from minillm.data.tokenizer_base import as_id_list
+from minillm.files import write_json
+
+
+class HFTokenizer:
+    """A Hugging Face model folder's tokenizer.json, run by the `tokenizers` library, behind the same
+    interface (encode, decode, vocab_size, special_tokens, to_dict/save).
+
+    A pretrained model only works with the exact vocabulary and pre-tokenizer it was trained with
+    (SmolLM2 and Llama 3 use byte-level BPE like ours, with their own merges and split regex), so
+    we run the original rather than re-implement each variant. `encode` adds no BOS/EOS: like the
+    other tokenizers here it maps text to ids and nothing else.
+    """
+
+    def __init__(self, tokenizer_json: str):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError("a Hugging Face tokenizer.json needs the tokenizers package: "
+                              "pip install tokenizers (it comes with transformers)") from None
+        self._json = tokenizer_json
+        self._tok = Tokenizer.from_str(tokenizer_json)
+        added = json.loads(tokenizer_json).get("added_tokens", [])
+        self.special_tokens = {t["content"]: t["id"] for t in added if t.get("special")}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, allowed_special="all") -> list[int]:
+        if allowed_special not in ("all", "none"):
+            raise ValueError("HFTokenizer.encode takes allowed_special='all' or 'none'")
+        self._tok.encode_special_tokens = allowed_special == "none"  # True: "<|endoftext|>" as plain text
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        # byte-level BPE: an incomplete UTF-8 character decodes to U+FFFD, as BPETokenizer.decode
+        return self._tok.decode(as_id_list(ids), skip_special_tokens=False)
+
+    def to_dict(self) -> dict:
+        return {"type": "hf", "tokenizer_json": self._json}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HFTokenizer":
+        return cls(d["tokenizer_json"])
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict(), indent=None, sort_keys=False)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(vocab_size={self.vocab_size}, special_tokens={list(self.special_tokens)[:8]})"
+
+
+def load_hf_tokenizer(folder: str | Path) -> HFTokenizer:
+    """The tokenizer of a Hugging Face model folder (its tokenizer.json)."""
+    path = Path(folder)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer.json in {folder}: a Hugging Face model folder has one")
+    return HFTokenizer(path.read_text(encoding="utf-8"))
