@@ -15,6 +15,8 @@ Read in this order:
                         Multi30k (downloaded and checked by sha256), teacher-forcing batches
     tasks.py            labelled data for fine-tuning: classification (generated sentiment, SST-2, files)
                         and instruction records (generated tasks, LLMs-from-scratch's 1,100)
+    chat_template.py    a model's own chat template: messages -> the exact text it was trained on
+                        (its Jinja template, rendered in a bounded sandbox)
 Nothing here imports the model: the label that losses skip (IGNORE_INDEX) is defined in dataset.py.
 """
 
