@@ -14,14 +14,13 @@ its row until the longest finishes. Continuous (or "in-flight") batching, from O
         one decode step for every active row                (B rows, one new token each)
         rows that hit max_tokens / a stop string / EOS leave, freeing their slot at once
 
-Every row has its own length, so the cache here (`SlotKVCache`) keeps one length per row instead of
-the single shared `KVCache.length` of minillm.model.attention. Row b's new token goes at position
-lengths[b]; attention over a shared Tk = max(lengths)+1 hides each row's unused tail with a
-key_padding_mask, exactly as left padding does in minillm.generate.sampling — so a row computes what it
-would alone, and greedy output does not depend on who else is in the batch.
-
-Active rows are kept packed in slots 0..A-1 (a leaving row is replaced by the last one), so each
-step works on the view cache[:, :A] and never gathers.
+Every row has its own length, so the cache here (`SlotKVCache`, minillm/generate/cache.py) keeps one
+length per row instead of the single shared `KVCache.length`: row b's new token goes at position
+lengths[b], and a key padding mask hides each row's unused tail — so a row computes what it would
+alone, and greedy output does not depend on who else is in the batch. The prefill and decode steps
+are the decode core's (minillm/generate/core.py), the ones generate_tokens runs, flat fast path
+included. Active rows are kept packed in slots 0..A-1 (a leaving row is replaced by the last one),
+so each step works on the view cache[:, :A] and never gathers.
 
 All model work happens on one background thread; `submit` and `cancel` are safe to call from others
 (minillm.cli.serve calls them from the asyncio event loop).
@@ -45,6 +44,7 @@ from typing import Callable
 import torch
 
 from minillm.generate.cache import SlotKVCache
+from minillm.generate.core import decode_step, prefill
 from minillm.generate.flat import FlatDecoder
 from minillm.generate.sampling import find_stop, held_back, sample_next
 
@@ -223,7 +223,7 @@ class BatchEngine:
     # --- the decode loop (engine thread only) ----------------------------------------------------
     def _loop(self) -> None:
         with torch.inference_mode():
-            self._flat = FlatDecoder.build(self.model) if self.flat_decode else None
+            self._flat = self._build_flat()
             while True:
                 with self._cond:
                     while not self._stopping and not self.waiting and not self.rows:
@@ -241,6 +241,17 @@ class BatchEngine:
                         self._fail(req, e)
                     self.rows.clear()
                     self.cache.lengths = [0] * self.max_batch_size
+
+    def _build_flat(self) -> FlatDecoder | None:
+        """The fast decode branch, or None (the modules run). `build` already steps aside for layers
+        it does not know; should it fail anyway, the engine serves through the modules."""
+        if not self.flat_decode:
+            return None
+        try:
+            return FlatDecoder.build(self.model)
+        except Exception:
+            log.exception("flat decode steps unavailable; decoding through the modules")
+            return None
 
     def _admit(self) -> None:
         """Prefill waiting requests while their rows are free. A request that ends in its prefill
@@ -267,33 +278,25 @@ class BatchEngine:
         """Run each prompt alone into a free row, fork it n times, sample every row's first token."""
         for i, prompt in enumerate(req.prompts):
             first = len(self.rows)
-            self.cache.lengths[first] = 0
             self.cache.select(first, 1)
-            idx = torch.tensor([prompt], device=self.device)  # (1, T)
-            positions = torch.arange(len(prompt), device=self.device)  # (T,) from 0: a fresh row
-            logits, _ = self.model(idx, positions=positions, cache=self.cache)  # (1, T, V)
+            self.cache.rewind(0)  # a fresh row: positions from 0
+            logits = prefill(self.model, torch.tensor([prompt], device=self.device), self.cache)  # (1, V)
             new = [_Row(req, i * req.n + j, first + j) for j in range(req.n)]
             for row in new[1:]:  # n samples of one prompt share its prefix: copy, don't recompute
                 self.cache.copy_row(first, row.slot)
             self.rows.extend(new)
             self.stats.prompt_tokens += len(prompt)
             self.stats.prefills += 1
-            tokens = self._sample(logits[:, -1, :].expand(req.n, -1), new)  # (n, V) -> n ids
+            tokens = self._sample(logits.expand(req.n, -1), new)  # (n, V) -> n ids
             for row, t in zip(new, tokens):
                 self._append(row, t)
         self._leave([r for r in self.rows if r.done or r.req.cancelled])
 
     def _decode_step(self) -> None:
         A = len(self.rows)
-        starts = self.cache.select(0, A)  # (A,) each row's length = position of its new token
+        self.cache.select(0, A)  # every active row: each row's new token goes at its own length
         idx = torch.tensor([[r.ids[-1]] for r in self.rows], device=self.device)  # (A, 1)
-        kpm = None
-        if not self.cache.uniform:  # hide keys past each row's own length: (A, Tk) True = real
-            kpm = torch.arange(self.cache.length + 1, device=self.device)[None, :] <= starts[:, None]
-        if self._flat is not None:
-            logits = self._flat.step(idx, self.cache, starts[:, None], kpm)  # (A, V)
-        else:
-            logits = self.model(idx, positions=starts[:, None], key_padding_mask=kpm, cache=self.cache)[0][:, -1, :]
+        logits = decode_step(self.model, idx, self.cache, self._flat)  # (A, V)
         tokens = self._sample(logits, self.rows)  # (A, V) -> A ids
         self.stats.decode_steps += 1
         self.stats.batch_rows[A] += 1
