@@ -4,29 +4,22 @@
 
 FlashAttention (Dao et al., 2022, arXiv:2205.14135) computes it one tile at a time: a program
 owns BLOCK_M query rows, streams the keys and values past them BLOCK_N at a time, and keeps a
-running softmax ("online softmax", Milakov & Gimelshein 2018; Rabe & Staats 2021) so that the
-scores only ever live in registers. FlashAttention-2 (Dao, 2023, arXiv:2307.08691) parallelises
-over query blocks, rescales the output once at the end instead of every step, and saves one
-number per row — the log-sum-exp — from which the backward recomputes the probabilities.
+running softmax ("online softmax", Milakov & Gimelshein 2018; the recurrence is written out in
+minillm/model/flash.py) so that the scores only ever live in registers. FlashAttention-2 (Dao,
+2023, arXiv:2307.08691) parallelises over query blocks, rescales the output once at the end, and
+saves one number per row, the log-sum-exp, from which the backward recomputes the probabilities.
 
-What this kernel adds to the Triton tutorial (python/tutorials/06-fused-attention.py) is what the
-engine needs: any sequence length (ragged tails are masked), Tq != Tk with bottom-right causal
-alignment (decode against a KV cache: query i sees key j iff j <= i + Tk - Tq), key-padding masks
-(B, Tk), head dims 16/32/64/128, fp32/fp16/bf16, any scale, and any strides; and what current
-decoders need: grouped-query / multi-query heads (k, v with H_kv < H heads, Ainslie et al. 2023,
-read in place: query head h reads K/V head h // (H / H_kv), nothing is repeated in memory) and
-causal sliding windows (query i sees only the `window` keys ending at its own position, Mistral
-7B), where key blocks outside every row's window are skipped as the causal mask skips the future.
+Beyond the Triton tutorial (python/tutorials/06-fused-attention.py), what the engine needs: any
+sequence length (ragged tails masked); Tq != Tk with bottom-right causal alignment (decoding
+against a KV cache: query i sees key j iff j <= i + Tk - Tq); key-padding masks (B, Tk); head dims
+16-128, fp32/fp16/bf16, any scale and strides; grouped-query heads (Ainslie et al. 2023: query head
+h reads K/V head h // (H / H_kv) in place, nothing repeated in memory); and causal sliding windows
+(Mistral 7B), whose out-of-window key blocks are skipped as the causal mask skips the future.
+A query row that sees no key outputs zeros with lse = -inf (the log of an empty sum), as the
+readable reference does, and gets zero gradients.
 
-A query row that sees no key at all (a padding query, or causal with Tq > Tk) outputs zeros and
-has lse = -inf, exactly as the readable reference does — log of an empty sum — and gets zero
-gradients.
-
-The backward kernels are in attention_bwd.py; what both directions share (LOG2E, the key-block
-ranges, the input checks, the launch configurations) is in common.py; this file holds the forward
-kernel and the autograd Function that ties them together. On a machine without a GPU, set
-TRITON_INTERPRET=1 before triton is imported and the same kernels run on CPU tensors through
-Triton's interpreter.
+This file holds the forward kernel and the autograd Function; the backward is attention_bwd.py,
+what both share is common.py. Without a GPU, set TRITON_INTERPRET=1 before triton is imported.
 
     >>> from minillm.kernels.attention import flash_attention
     >>> y = flash_attention(q, k, v, causal=True)          # q, k, v: (B, H, T, D)

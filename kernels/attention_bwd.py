@@ -12,30 +12,19 @@ the chain rule gives (FlashAttention-2, Dao 2023, arXiv:2307.08691, Algorithm 2)
 P is never saved: the forward kept one number per row, lse_i = log Σ_j exp(S_ij), and
 P_ij = exp(S_ij - lse_i) recomputes any tile exactly (in base 2 here: 2^(S·log2 e - lse·log2 e)).
 
-Grouped-query attention: query heads h = g·G, ..., g·G + G - 1 (G = H / H_kv) all read K_g, V_g, so
-by the chain rule each kv head's gradient is the sum over the G query heads that read it:
-
-    dV_g = Σ_h P_hᵀ dO_h          dK_g = Σ_h dS_hᵀ Q_h · scale        (h over the group of g)
-
-The dK/dV program of a kv head loops over its G query heads and keeps one running sum in
-registers: no atomics and no (B, H, Tk, D) buffer to reduce afterwards. dQ needs nothing new: each
-query head only reads its K, V. A sliding window only changes which (query, key) blocks are visited
-and masked, as in the forward.
+Grouped-query attention: the G = H / H_kv query heads of group g all read K_g, V_g, so each kv
+head's gradient sums over them, dV_g = Σ_h P_hᵀ dO_h and dK_g = Σ_h dS_hᵀ Q_h · scale. The dK/dV
+program of a kv head loops over its G query heads with one running sum in registers: no atomics,
+no (B, H, Tk, D) buffer to reduce. A sliding window only changes which blocks are visited.
 
 Three kernels:
   1. `_attn_bwd_preprocess_kernel`: Δ = rowsum(dO ∘ O), one fp32 per query row.
-  2. `_attn_bwd_dkdv_kernel`: one program per block of *keys*; it streams the query blocks that can
-     see them and accumulates dK, dV in registers, then writes them once.
-  3. `_attn_bwd_dq_kernel`: one program per block of *queries*, streaming key blocks like the
-     forward, accumulating dQ in registers.
-Splitting dQ from dK/dV costs recomputing Q Kᵀ and dO Vᵀ once more (7 matmuls instead of 5), but
-no program ever writes where another does: no atomics, so results are deterministic, correct under
-the interpreter, and safe to re-run while autotuning. The alternative — one kernel over key blocks
-adding its dQ share with fp32 atomic_add — saves those two matmuls but contends on dQ, is
-non-deterministic, and needs dQ zeroed before every autotuning trial.
-
-What the forward shares with this file (LOG2E, the key-block ranges, input checks, launch
-configurations) is in common.py; attention.py ties both directions into one autograd Function.
+  2. `_attn_bwd_dkdv_kernel`: one program per block of *keys*, streaming the query blocks that see
+     them, accumulating dK, dV in registers and writing them once.
+  3. `_attn_bwd_dq_kernel`: one program per block of *queries*, streaming key blocks like the forward.
+Splitting dQ from dK/dV recomputes Q Kᵀ and dO Vᵀ once more (7 matmuls instead of 5), but no program
+writes where another does: deterministic, correct under the interpreter, and safe to re-run while
+autotuning, where one kernel adding dQ with fp32 atomic_add would be none of these.
 """
 
 from __future__ import annotations

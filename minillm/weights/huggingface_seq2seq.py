@@ -1,7 +1,7 @@
 """Load Hugging Face BART weights (BartForConditionalGeneration) into minillm's Seq2Seq.
 
-BART (Lewis et al. 2019) is the paper's encoder–decoder with three of GPT/BERT's choices, each of
-which minillm already has as a config switch:
+BART (Lewis et al. 2019) is the paper's encoder–decoder with choices minillm already has as
+config switches:
 
     BART                                             minillm
     learned positions (a table per side)             ModelConfig.positional = "learned"
@@ -11,19 +11,13 @@ which minillm already has as a config switch:
     one shared embedding = output projection         ModelConfig.tie_weights = True
     final_logits_bias added to the logits            Seq2SeqConfig.output_bias = True
 
-Two details are handled here, at load time, rather than by more switches:
-  - BART's position tables have 2 extra rows at the front (a fairseq leftover: positions were
-    counted from padding_idx + 1 = 2), and position p reads row p + 2. Dropping the first two rows
-    gives a table indexed by p, which is what minillm's LearnedPositions is.
+Two details are handled at load time rather than by more switches:
+  - BART's position tables have 2 extra rows at the front (a fairseq leftover: position p reads
+    row p + 2); dropping them gives the table indexed by p that LearnedPositions is.
   - q, k and v are three Linear layers; minillm fuses them (self-attention: rows q | k | v;
-    cross-attention: q alone, then rows k | v), as for BERT in pretrained.py.
-
-Why BART and not Marian (opus-mt): Marian differs from minillm in two more places. Its sinusoid
-table puts all the sines in the first half of the channels and the cosines in the second half
-(MarianSinusoidalPositionalEmbedding: "features are not interleaved"), where minillm interleaves
-sin/cos as the paper writes; and its FFN uses swish (SiLU), which minillm only has as SwiGLU's gate.
-Both are reachable (a "silu" activation; a permutation of every residual-stream channel at load
-time, which LayerNorm and attention do not notice), but BART needs neither.
+    cross-attention: q alone, then rows k | v).
+(Marian/opus-mt would need two more: sines and cosines in separate halves of the channels rather
+than interleaved, and a SiLU FFN.)
 
     >>> model = load_bart("facebook-bart-base/")       # a downloaded Hugging Face folder
     >>> logits, _ = model(src, tgt_in)                  # tgt_in starts with decoder_start_token_id
