@@ -207,3 +207,59 @@ def test_slot_cache_rows_of_their_own_length_through_the_same_core():
     for b, r in enumerate(rows):
         torch.testing.assert_close(got[b], full_logits(model, torch.tensor([r]))[0, -1], atol=1e-5, rtol=1e-5)
     assert torch.equal(got, again)
+
+
+# --- one place for stop strings: StopText ---------------------------------------------------------
+
+from minillm.generate.text import StopText  # noqa: E402
+
+
+class Bytes:
+    """A byte-level tokenizer: token = one UTF-8 byte, so a character may arrive in pieces."""
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def feed(row, data: bytes):
+    pieces = []
+    for b in data:
+        if row.stopped:
+            break
+        row.add(b)
+        pieces.append(row.take())
+    return pieces + [row.take(final=True)]
+
+
+def test_stop_text_holds_back_half_characters_and_stop_prefixes():
+    row = StopText(Bytes(), ["\n\n"])
+    pieces = feed(row, "né\nx\n\nafter".encode())
+    assert row.stopped and row.text == "né\nx"
+    assert "".join(pieces) == "né\nx"
+    assert all("\ufffd" not in p for p in pieces)  # é (2 bytes) is shown whole or not at all
+    assert pieces[pieces.index("n") + 1] == ""  # after é's first byte: nothing yet
+    assert pieces[3] == ""  # "né\n": the "\n" might begin the stop string, held back
+
+
+def test_stop_text_refuses_an_empty_stop():
+    with pytest.raises(ValueError, match="non-empty"):
+        StopText(Bytes(), ["a", ""])
+
+
+def test_generate_text_and_the_engine_end_a_completion_at_the_same_place():
+    from minillm.generate.batching import BatchEngine, SamplingParams
+    from minillm.generate.sampling import generate_text
+
+    tok = CharTokenizer.from_text(TEXT)
+    model = tiny_model(vocab_size=tok.vocab_size)
+    [free] = generate_text(model, tok, ["the "], 20, temperature=0.0)
+    stop = free[6:8]
+    pieces = []
+    [text] = generate_text(model, tok, ["the "], 20, temperature=0.0, stop=[stop],
+                           stream=lambda i, p: pieces.append(p))
+    engine = BatchEngine(model, tok, max_batch_size=2).start()
+    try:
+        [ev] = complete(engine, [tok.encode("the ")], SamplingParams(20, 0.0, stop=(stop,)))
+    finally:
+        engine.shutdown()
+    assert text == "".join(pieces) == ev.text == free[:free.index(stop)] and ev.finish_reason == "stop"

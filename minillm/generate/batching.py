@@ -46,7 +46,8 @@ import torch
 from minillm.generate.cache import SlotKVCache
 from minillm.generate.core import decode_step, prefill
 from minillm.generate.flat import FlatDecoder
-from minillm.generate.sampling import find_stop, held_back, sample_next
+from minillm.generate.sampling import sample_next
+from minillm.generate.text import StopText, find_stop
 
 log = logging.getLogger("minillm.generate.batching")
 
@@ -101,9 +102,12 @@ class _Row:
     req: Request
     index: int  # choice index: prompt i, sample j -> i * n + j (OpenAI's numbering)
     slot: int
-    ids: list[int] = field(default_factory=list)  # generated token ids
-    emitted: int = 0  # characters of text already reported
+    text: StopText  # its generated ids and their text: stop strings, what is final
     done: bool = False  # finished: leaves its slot before the next step
+
+    @property
+    def ids(self) -> list[int]:
+        return self.text.ids
 
 
 @dataclass
@@ -281,7 +285,8 @@ class BatchEngine:
             self.cache.select(first, 1)
             self.cache.rewind(0)  # a fresh row: positions from 0
             logits = prefill(self.model, torch.tensor([prompt], device=self.device), self.cache)  # (1, V)
-            new = [_Row(req, i * req.n + j, first + j) for j in range(req.n)]
+            new = [_Row(req, i * req.n + j, first + j, StopText(self.tokenizer, req.params.stop, find_stop))
+                   for j in range(req.n)]
             for row in new[1:]:  # n samples of one prompt share its prefix: copy, don't recompute
                 self.cache.copy_row(first, row.slot)
             self.rows.extend(new)
@@ -365,24 +370,15 @@ class BatchEngine:
             self._fail_row(row)
 
     def _append_token(self, row: _Row, token: int) -> None:
-        p = row.req.params
         self.stats.generated_tokens += 1
-        finish = None
-        if self.eos_id is not None and token == self.eos_id:
-            finish = "stop"  # the end-of-text token ends the completion and is not shown
-            text = self.tokenizer.decode(row.ids)
-        else:
-            row.ids.append(token)
-            text = self.tokenizer.decode(row.ids)
-        cut = find_stop(text, p.stop)
-        if cut >= 0:
-            text, finish = text[:cut], "stop"
-        elif finish is None and len(row.ids) >= p.max_tokens:
-            finish = "length"
-        end = len(text) if finish else len(text) - held_back(text, p.stop)
-        if finish or (row.req.stream and end > row.emitted):
-            row.req.emit(Event(row.index, text[row.emitted:end], finish, len(row.ids)))
-            row.emitted = end
+        eos = self.eos_id is not None and token == self.eos_id
+        row.text.add(None if eos else token)  # the end-of-text token ends the completion, unshown
+        finish = ("stop" if eos or row.text.stopped
+                  else "length" if len(row.ids) >= row.req.params.max_tokens else None)
+        if finish or row.req.stream:  # (not streaming: one event with the whole text at the end)
+            piece = row.text.take(final=finish is not None)
+            if finish or piece:
+                row.req.emit(Event(row.index, piece, finish, len(row.ids)))
         row.done = finish is not None
         if row.done:
             row.req.finished.add(row.index)

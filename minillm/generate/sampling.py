@@ -29,6 +29,7 @@ import torch
 
 from minillm.generate.core import decode_step, positions_from_mask, prefill
 from minillm.generate.flat import FlatDecoder
+from minillm.generate.text import StopText
 
 __all__ = ["generate", "generate_text", "generate_tokens", "left_pad", "positions_from_mask", "sample_next",
            "top_k_filter", "top_p_filter"]
@@ -231,27 +232,6 @@ def left_pad(rows: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch
     return idx.to(device), mask.to(device)
 
 
-def find_stop(text: str, stops) -> int:
-    """Index of the earliest stop string in `text`, or -1: the completion ends just before it."""
-    return min((text.find(s) for s in stops if s in text), default=-1)
-
-
-def held_back(text: str, stops) -> int:
-    """How many characters at the end of `text` are not final yet, and must not be shown.
-
-    Two reasons to wait: the tail might still grow into a stop string (stop "\n\n" and the text
-    ends in "\n"), or it is half a UTF-8 character, which a byte-level tokenizer decodes as U+FFFD
-    until the rest of its bytes arrive. Shared by `generate_text` and the serving engine.
-    """
-    hold = len(text) - len(text.rstrip("\ufffd"))  # a byte-level BPE may end mid-character
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), hold, -1):  # the longest prefix of s ending text
-            if text.endswith(s[:n]):
-                hold = n
-                break
-    return hold
-
-
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                   generator: torch.Generator | None = None, stop: list[str] | str | None = None,
@@ -264,7 +244,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tem
     ends when every row has stopped or max_new_tokens is reached.
     stream(row, piece): called with each new piece of text as it becomes final, so a terminal can
     print as tokens arrive. Text that might be the start of a stop string, or an incomplete UTF-8
-    character of a byte-level tokenizer, is held back until it is decided.
+    character of a byte-level tokenizer, is held back until it is decided (text.py: StopText).
     token_counts: a list that receives how many tokens each row generated (re-encoding the text
     would not tell: a BPE may merge the generated pieces differently).
     window_stride: how the context falls back past block_size (generate_tokens; 1 = nanoGPT's).
@@ -272,38 +252,26 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tem
     """
     if isinstance(prompts, str):
         prompts = [prompts]
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(s == "" for s in stops):
-        raise ValueError("stop strings must be non-empty")
+    rows = [StopText(tokenizer, stop) for _ in prompts]  # checks the stop strings before any work
     device = next(model.parameters()).device
     idx, mask = left_pad([tokenizer.encode(p) for p in prompts], device=device)
-    B = len(prompts)
-    new_ids: list[list[int]] = [[] for _ in range(B)]
-    texts, emitted, done = [""] * B, [0] * B, [False] * B
 
-    def settle(i: int, final: bool) -> None:
-        text = tokenizer.decode(new_ids[i])
-        cut = find_stop(text, stops)
-        if cut >= 0:  # a stop string appeared: the row ends just before it
-            text, final, done[i] = text[:cut], True, True
-        texts[i] = text
+    def show(i: int, final: bool = False) -> None:
         if stream is not None:
-            end = len(text) if final else len(text) - held_back(text, stops)
-            if end > emitted[i]:
-                stream(i, text[emitted[i]:end])
-                emitted[i] = end
+            piece = rows[i].take(final)
+            if piece:
+                stream(i, piece)
 
     for nxt in generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache,
                                generator, mask, window_stride, flat_decode):
         for i, t in enumerate(nxt.tolist()):
-            if not done[i]:
-                new_ids[i].append(t)
-                settle(i, final=False)
-        if all(done):
+            if not rows[i].stopped:
+                rows[i].add(t)
+                show(i)
+        if all(r.stopped for r in rows):
             break
-    for i in range(B):
-        if not done[i]:
-            settle(i, final=True)
+    for i in range(len(rows)):
+        show(i, final=True)  # what was held back, now that nothing can follow it
     if token_counts is not None:
-        token_counts[:] = [len(ids) for ids in new_ids]
-    return texts
+        token_counts[:] = [len(r.ids) for r in rows]
+    return [r.text for r in rows]
