@@ -8,6 +8,7 @@ Read in this order:
     tokenizer_char.py   character-level (nanoGPT's shakespeare-char)
     tokenizer_bpe.py    byte-level BPE (GPT-2's), trained from scratch
     tokenizer_hf.py     a Hugging Face model's tokenizer.json, run by the `tokenizers` library
+    tokenizer_gguf.py   a GGUF file's byte-level BPE (vocabulary, merges, pre-tokenizer), written out
     dataset.py          `load_text` (a corpus name or a path), the train/val split, token streams cached
                         as numpy memmaps, random batches, BERT's masked-LM corruption, IGNORE_INDEX
     pairs.py            [CLS] A [SEP] B [SEP] sentence pairs for BERT's next-sentence prediction

@@ -7,6 +7,7 @@ each in its own file, read in this order:
     tokenizer_char.py   CharTokenizer: one id per character, nanoGPT's shakespeare-char
     tokenizer_bpe.py    BPETokenizer: byte-level BPE as in GPT-2, trained from scratch
     tokenizer_hf.py     HFTokenizer: a Hugging Face model folder's tokenizer.json
+    tokenizer_gguf.py   GGUFTokenizer: a GGUF file's byte-level BPE, written out
 Every name is importable from here (`from minillm.data.tokenizer import BPETokenizer`).
 
     >>> tok = BPETokenizer.train(text, vocab_size=512, special_tokens=("<|endoftext|>",))
@@ -20,12 +21,13 @@ from pathlib import Path
 
 from minillm.data.tokenizer_bpe import GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, SPLIT_PATTERNS, BPETokenizer
 from minillm.data.tokenizer_char import CharTokenizer
+from minillm.data.tokenizer_gguf import GGUFTokenizer
 from minillm.data.tokenizer_hf import HFTokenizer, load_hf_tokenizer
 
 __all__ = ["GPT2_SPLIT_PATTERN", "GPT4_SPLIT_PATTERN", "SPLIT_PATTERNS", "TOKENIZERS", "BPETokenizer",
-           "CharTokenizer", "HFTokenizer", "load_hf_tokenizer", "load_tokenizer", "tokenizer_from_dict"]
+           "CharTokenizer", "GGUFTokenizer", "HFTokenizer", "load_hf_tokenizer", "load_tokenizer", "tokenizer_from_dict"]
 
-TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer, "hf": HFTokenizer}
+TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer, "hf": HFTokenizer, "gguf": GGUFTokenizer}
 
 
 def tokenizer_from_dict(d: dict):
