@@ -10,8 +10,11 @@ import torch
 import torch.nn as nn
 
 from minillm.data.tokenizer import CharTokenizer
+from minillm.generate.cache import SlotKVCache
+from minillm.generate.core import decode_step, extend, positions_from_mask, prefill
 from minillm.generate.flat import FlatDecoder
 from minillm.generate.sampling import generate, left_pad
+from minillm.generate.text import StopText
 from minillm.model.config import ModelConfig
 from minillm.model.layers import FeedForward, make_ffn
 from minillm.model.transformer import Block, CausalLM
@@ -121,13 +124,9 @@ def test_batch_engine_keeps_serving_a_model_with_an_unknown_ffn():
 
 # --- the cache verbs and the core's functions, against one forward of the whole sequence ----------
 
-from minillm.generate.cache import SlotKVCache  # noqa: E402
-from minillm.generate.core import decode_step, extend, prefill  # noqa: E402
-
 
 def full_logits(model, idx, mask=None):
     """Logits (B, T, V) of one uncached forward: what every cached path must reproduce."""
-    from minillm.generate.core import positions_from_mask
     with torch.no_grad():
         pos = None if mask is None else positions_from_mask(mask)
         return model(idx, positions=pos, key_padding_mask=mask)[0]
@@ -210,8 +209,6 @@ def test_slot_cache_rows_of_their_own_length_through_the_same_core():
 
 
 # --- one place for stop strings: StopText ---------------------------------------------------------
-
-from minillm.generate.text import StopText  # noqa: E402
 
 
 class Bytes:

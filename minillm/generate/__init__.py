@@ -1,14 +1,20 @@
 """Generation: from a trained causal LM to text.
 
 Read in this order:
-    sampling.py   choosing the next token (greedy, temperature, top-k, top-p), the KV-cache decode
-                  loop, several prompts in one left-padded batch, streaming text
+    core.py       the decode core every loop calls: prefill, decode_step (a flat fast branch
+                  inside), extend (several tokens at once, for checking a speculative draft)
+    cache.py      the verbs a decode cache speaks (append, length, rewind, reorder, per-row
+                  positions), and the per-row cache of the batching engine
+    sampling.py   choosing the next token (greedy, temperature, top-k, top-p) and the generate loop:
+                  several prompts in one left-padded batch, past block_size, streaming text
+    text.py       from new token ids to final text: stop strings, held-back UTF-8 and stop prefixes
     flat.py       a cached decode step without the module tree: the same ops, less Python per token
     beam.py       greedy and beam search (GNMT length penalty) for the encoder–decoder and the causal LM
     batching.py   continuous batching: requests join and leave one shared batch between decode steps
                   (what the server runs)
 """
 
+from minillm.generate.core import decode_step, extend, prefill
 from minillm.generate.sampling import generate, generate_text, generate_tokens, sample_next
 
-__all__ = ["generate", "generate_text", "generate_tokens", "sample_next"]
+__all__ = ["decode_step", "extend", "generate", "generate_text", "generate_tokens", "prefill", "sample_next"]
