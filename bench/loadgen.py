@@ -12,7 +12,7 @@ Each level runs `--requests` completions of `--max-tokens` tokens through `--con
 (asyncio + httpx, one connection each; a client sends its next request when the last one returns)
 and reports requests/s, generated tokens/s, p50/p99 latency and errors. With continuous batching
 the server decodes the concurrent requests together, so throughput should grow with the number of
-clients until the batch (or the CPU) is full. Target (issue 8): with the tiny model on a CPU,
+clients until the batch (or the CPU) is full. The target: with the tiny model on a CPU,
 requests/s at 16 clients ≥ 4× requests/s at 1 client.
 
 Client and server share the machine: on a small CPU the client's own work is part of the result.

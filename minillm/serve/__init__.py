@@ -4,8 +4,11 @@
     metrics.py  Prometheus metrics (totals, and per model and version) and structured JSON access logs
     registry.py models and their versions: load, warm up, switch without downtime, roll back
     chat.py     chat messages → one prompt in the model's template (instruction-tuned or plain)
-    api.py      an OpenAI-compatible HTTP API (FastAPI) over the continuous-batching engine, with
-                API keys (needs the `serve` extra)
+    auth.py     API keys: `Authorization: Bearer KEY`, compared in constant time
+    handlers.py the OpenAI endpoints, one named function per endpoint and per phase of a request
+    admin.py    the model update service's endpoints (/admin/*): switch a model's version, roll back
+    api.py      build_app: an OpenAI-compatible HTTP API (FastAPI) over the continuous-batching
+                engine, wiring the handlers above to their paths (needs the `serve` extra)
     export.py   the forward pass as an ONNX graph, checked against onnxruntime (the `export` extra)
 
 Nothing is imported here: each module needs its own optional extra.
