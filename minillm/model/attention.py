@@ -168,6 +168,7 @@ class KVCache:
         self.length = 0  # tokens already seen (the same for every row; left padding handles ragged prompts)
         self.held = 0  # with a window: how many of the last tokens k, v hold (oldest first)
         self.pad: torch.Tensor | None = None  # (B,) left-pad columns of each row, None = no padding
+        self._neg_pad: torch.Tensor | None = None  # -pad: `-pad + n` is one C call, `n - pad` a few Python ones
         self._real: torch.Tensor | None = None  # (B, n) column c of row b is a real token
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -207,18 +208,19 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot rewind a cache of {self.length} tokens to {length}")
         if self.window is not None and length > 0 and self.held - back < min(length, self.window - 1):
-            raise ValueError(f"cannot rewind this sliding-window cache by {back} tokens: it keeps only the "
-                             f"last {self.k.shape[3]}, and the keys needed were dropped (make it with spare>={back})")
+            raise ValueError(f"cannot rewind this sliding-window cache by {back} tokens: it keeps only "
+                             f"the last {self.k.shape[3]}, and the keys needed were dropped (make it "
+                             f"with spare>={back})")
         self.length = length
         self.held = max(self.held - back, 0) if length > 0 else 0
         if length == 0:
-            self.pad = self._real = None
+            self.pad = self._neg_pad = self._real = None
 
     def reorder(self, index: torch.Tensor) -> None:
         """Row i becomes old row index[i] (beam search keeps the survivors' caches this way)."""
         self.k, self.v = self.k[:, index], self.v[:, index]  # (L, B', H_kv, keep, D)
         if self.pad is not None:
-            self.pad, self._real = self.pad[index], self._real[index]
+            self.pad, self._neg_pad, self._real = self.pad[index], self._neg_pad[index], self._real[index]
 
     def pad_left(self, key_padding_mask: torch.Tensor) -> None:
         """Before a prefill into the empty cache: key_padding_mask (B, T), True = real token, False
@@ -228,6 +230,7 @@ class KVCache:
             raise ValueError("pad_left describes a prompt's columns: call it on an empty cache")
         mask = key_padding_mask.bool()
         self.pad = (~mask).sum(dim=1)  # (B,) left-pad columns of each row
+        self._neg_pad = -self.pad
         self._real = self._widen(mask, mask.shape[1] + self.max_len)  # (B, T + max_len)
 
     @staticmethod
@@ -244,7 +247,7 @@ class KVCache:
         if self.length + T > self._real.shape[1]:  # (a sliding-window cache may run past max_len)
             self._real = self._widen(self._real, 2 * (self.length + T))
         if T == 1:  # a decode step: the cheap case, one subtraction
-            return (self.length - self.pad)[:, None], self._real[:, :self.length + 1]  # (B, 1), (B, Tk)
+            return (self._neg_pad + self.length)[:, None], self._real[:, :self.length + 1]  # (B, 1), (B, Tk)
         cols = torch.arange(self.length, self.length + T, device=self.pad.device)  # (T,)
         return (cols - self.pad[:, None]).clamp_min(0), self._real[:, :self.length + T]  # pads: position 0
 
