@@ -3,15 +3,23 @@ cache changes nothing, and a beam wide enough to keep every prefix finds the bes
 enumeration finds."""
 
 import itertools
+import math
+import string
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import minillm.cli.translate as translate_cli
+import minillm.generate.beam as beam_module
+from minillm.cli import main
+from minillm.data.tokenizer import CharTokenizer
+from minillm.data.translation import SPECIALS
 from minillm.generate.beam import beam_search, greedy_search, length_penalty
 from minillm.model.config import ModelConfig
 from minillm.model.seq2seq import CrossAttention, Seq2Seq, Seq2SeqConfig
 from minillm.model.transformer import CausalLM
+from minillm.weights.checkpoint import save_model
 
 EOS = 2
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is faster (conftest.py)
@@ -150,3 +158,95 @@ def test_cross_attention_keys_and_values_are_computed_once_per_source(monkeypatc
     beam_search(model, src, beam_size=3, max_new_tokens=8, eos_id=EOS)
     # once per decoder layer, on the B sources (not on the B·K beams, not at every step)
     assert calls == [src.shape[0]] * model.cfg.n_dec_layer
+
+
+# --- which candidates finish (the rule Hugging Face's generate follows), and HF's length penalty ---------
+
+class TableLM(torch.nn.Module):
+    """A causal LM whose next-token probabilities are looked up by the tokens generated after the
+    one-token prompt: a hand-made search problem. Tokens a row leaves out share what is left; a
+    prefix not in the table ends (EOS, p = 0.99)."""
+
+    def __init__(self, table: dict, V: int = 5):
+        super().__init__()
+        self.table, self.V = table, V
+
+    def forward(self, x, cache=None):  # x: (N, T), the whole prefix (use_cache=False)
+        rows = []
+        for generated in x[:, 1:].tolist():
+            p = self.table.get(tuple(generated), {EOS: 0.99})
+            rest = (1 - sum(p.values())) / (self.V - len(p))
+            rows.append([math.log(p.get(v, rest)) for v in range(self.V)])
+        return torch.tensor(rows)[:, None, :].expand(-1, x.shape[1], -1), None  # (N, T, V); the last is read
+
+
+@pytest.mark.parametrize("style", ["gnmt", "hf"])
+def test_an_eos_ranked_k_or_lower_does_not_finish_a_hypothesis(style):
+    """K = 2. Step 2 ranks [3 3] (live), [4 EOS] (finished), then [3 EOS] third. The old rule finished
+    [3 EOS] too: two hypotheses, so early_stopping=True stopped and returned [4] (log P -1.021), though
+    [3 3 EOS] (-0.991) comes next step. An EOS ranked K or lower lost to K better extensions: dropped."""
+    model = TableLM({(): {3: 0.5, 4: 0.4, EOS: 0.05}, (3,): {3: 0.75, EOS: 0.2}, (4,): {EOS: 0.9},
+                     (3, 3): {EOS: 0.99}})
+    tokens, scores = beam_search(model, torch.tensor([[0]]), beam_size=2, max_new_tokens=5, eos_id=EOS, alpha=0.0,
+                                 early_stopping=True, use_cache=False, length_penalty_style=style)
+    assert tokens == [[3, 3]]
+    assert scores[0].item() == pytest.approx(math.log(0.5 * 0.75 * 0.99))
+
+
+def test_outputs_cut_off_at_the_maximum_length_compete_even_when_the_beam_fills():
+    """K = 2, at most 2 tokens. [EOS] finishes at step 1; at step 2, the last, [4 EOS] is the second
+    hypothesis, which fills the beam (early_stopping=True), and [3 3], cut off, ranks first. It must
+    still count: with HF's |Y|^1 it scores log(0.45·0.99)/2 = -0.404 and beats [EOS]'s log 0.5 = -0.693."""
+    model = TableLM({(): {EOS: 0.5, 3: 0.45, 4: 0.03}, (3,): {3: 0.99}, (4,): {EOS: 0.99}})
+    tokens, scores = beam_search(model, torch.tensor([[0]]), beam_size=2, max_new_tokens=2, eos_id=EOS, alpha=1.0,
+                                 early_stopping=True, use_cache=False, length_penalty_style="hf")
+    assert tokens == [[3, 3]]
+    assert scores[0].item() == pytest.approx(math.log(0.45 * 0.99) / 2)
+
+
+def test_length_penalty_styles():
+    assert length_penalty(7, 0.6, "hf") == pytest.approx(7 ** 0.6)  # |Y|^α, Hugging Face's
+    assert length_penalty(7, 0.6, "gnmt") == length_penalty(7, 0.6) == pytest.approx(2.0 ** 0.6)
+    assert length_penalty(7, 0.0, "hf") == length_penalty(7, 0.0, "gnmt") == 1.0
+    model, prompt = causal_lm()
+    for call in (lambda: length_penalty(3, 1.0, "fairseq"),
+                 lambda: beam_search(model, prompt, 2, 3, eos_id=EOS, length_penalty_style="HF"),
+                 lambda: greedy_search(model, prompt, 3, eos_id=EOS, length_penalty_style="")):
+        with pytest.raises(ValueError, match="length_penalty_style must be 'gnmt' .* or 'hf'"):
+            call()
+
+
+def small_translation_checkpoint(folder):
+    """A random Seq2Seq with a char tokenizer, saved as `minillm train --objective=seq2seq` would."""
+    tok = CharTokenizer.from_text(string.ascii_letters + string.digits + " -,", special_tokens=SPECIALS)
+    pad, bos, eos = (tok.special_tokens[s] for s in SPECIALS)
+    torch.manual_seed(0)
+    cfg = Seq2SeqConfig(ModelConfig(vocab_size=tok.vocab_size, n_embd=16, n_head=2, block_size=32, init_std=0.3),
+                        n_enc_layer=1, n_dec_layer=1, pad_id=pad, bos_id=bos, eos_id=eos)
+    save_model(folder, Seq2Seq(cfg).eval(), tok, data="dates", step=0)
+    return str(folder)
+
+
+def test_cli_threads_the_length_penalty_style_through(tmp_path, monkeypatch, capsys):
+    out = small_translation_checkpoint(tmp_path / "ckpt")
+    seen = []
+    real = beam_module.translate
+
+    def spy(*args, **kw):
+        seen.append(kw["length_penalty_style"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(beam_module, "translate", spy)  # eval imports it from here when it runs
+    monkeypatch.setattr(translate_cli, "translate", spy)
+    assert main(["translate", out, "3 March 2021", "--beam=3", "--length_penalty=1",
+                 "--length_penalty_style=hf", "--max_new_tokens=6"]) == 0
+    assert main(["eval", out, "--metric=bleu", "--beam=2", "--length_penalty_style=hf", "--max_sentences=2"]) == 0
+    assert "beam 2, length penalty 0.6 (hf)" in capsys.readouterr().out
+    assert main(["translate", out, "3 March 2021", "--beam=2"]) == 0
+    assert seen == ["hf", "hf", "gnmt"]
+    for argv in (["translate", out, "x", "--length_penalty_style=fairseq"],
+                 ["eval", out, "--metric=bleu", "--beam=2", "--length_penalty_style=HF"],
+                 ["translate", str(tmp_path / "missing"), "x", "--length_penalty_style=gnmt2"]):  # before any file
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "--length_penalty_style must be gnmt" in err, err

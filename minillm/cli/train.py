@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from minillm.cli.translate import add_beam_options, check_beam_options
 from minillm.model.config import PRESETS, ModelConfig, split_overrides
 from minillm.model.seq2seq import Seq2SeqConfig
 from minillm.weights.checkpoint import CONFIG_FILE, TOKENIZER_FILE, find_checkpoint, load_model
@@ -190,16 +191,17 @@ def _eval_translation(args, model, tok, meta: dict, train_changes: dict) -> int:
     if "seq2seq" not in meta:
         raise ValueError(f"--metric={args.metric} scores translations; {args.out_dir} is a language model "
                          "(train one with --objective=seq2seq)")
-    if args.beam < 1:
-        raise ValueError(f"--beam must be >= 1 (1 = greedy), got {args.beam}")
+    check_beam_options(args)
     source = args.data or meta.get("data", "dates")
     pairs = translation_pairs(source, args.split, train_changes.get("cache_dir", meta.get("train", {}).get("cache_dir")),
                               n=args.max_sentences)
     t0 = time.perf_counter()
-    hyps = translate(model, tok, [s for s, _ in pairs], beam_size=args.beam, alpha=args.length_penalty)
+    hyps = translate(model, tok, [s for s, _ in pairs], beam_size=args.beam, alpha=args.length_penalty,
+                     length_penalty_style=args.length_penalty_style)
     seconds = time.perf_counter() - t0
     scores = score_translations(hyps, [t for _, t in pairs], metrics)
-    how = "greedy" if args.beam == 1 else f"beam {args.beam}, length penalty {args.length_penalty}"
+    how = "greedy" if args.beam == 1 else \
+        f"beam {args.beam}, length penalty {args.length_penalty}" + (" (hf)" if args.length_penalty_style == "hf" else "")
     print(f"{source} {args.split}: {len(pairs):,} sentences, {how}, {seconds:.1f} s "
           f"(step {meta.get('step', '?')})")
     if "bleu" in metrics:
@@ -252,7 +254,6 @@ def add_parser(sub) -> None:
                    help="which split (default: val; test = Multi30k's test2016 for a translation checkpoint)")
     e.add_argument("--metric", default=None,
                    help="translation checkpoints: comma-separated bleu,rouge (default: bleu)")
-    e.add_argument("--beam", type=int, default=1, help="translation: beam size (1 = greedy, the default)")
-    e.add_argument("--length_penalty", type=float, default=0.6, help="translation: GNMT's alpha (default 0.6)")
+    add_beam_options(e, prefix="translation: ")
     e.add_argument("--max_sentences", type=int, default=None, help="translation: score only the first N pairs")
     e.set_defaults(func=cmd_eval)
