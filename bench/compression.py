@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from bench.common import machine_info  # noqa: E402
 from minillm.weights.checkpoint import load_model, save_model  # noqa: E402
 from minillm.compress.distill import distill  # noqa: E402
-from minillm.compress.finetune import finetune, text_tokens, val_loss  # noqa: E402
+from minillm.train.fit import finetune, text_tokens, val_loss  # noqa: E402
 from minillm.compress.jobs import prune_model  # noqa: E402
 from minillm.compress.quant import quantize_model  # noqa: E402
 from minillm.compress.report import format_table, measure, plot_pareto  # noqa: E402

@@ -10,13 +10,13 @@ import torch
 import minillm.cli as cli
 from minillm.weights.checkpoint import load_model, save_model
 from minillm.compress import prune as P
-from minillm.compress.finetune import finetune
 from minillm.compress.jobs import prune_checkpoint, prune_model
 from minillm.compress.quant import QuantLinear
 from minillm.compress.quantize import quantize_checkpoint
 from minillm.data.tokenizer import CharTokenizer
 from minillm.model.config import ModelConfig
 from minillm.model.transformer import build_model, count_parameters
+from minillm.train.fit import finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on a shared CPU
 TINY = dict(block_size=16, n_layer=2, n_head=4, n_embd=32, positional="learned")

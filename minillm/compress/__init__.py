@@ -6,10 +6,12 @@ Read in this order:
     quantize.py   quantize a saved checkpoint and measure what it cost: bytes, perplexity, speed
     prune.py      pruning: unstructured magnitude (layer-wise, global, gradual), 2:4, and structured
                   (whole heads and FFN neurons removed: a smaller dense model)
-    finetune.py   a compact training loop for the fine-tune after pruning and for distillation
     distill.py    knowledge distillation: τ²·KL(p_T^τ ‖ p_S^τ) + hard loss, teacher on the fly or top-k
     jobs.py       prune / distil a saved checkpoint into a new one (what `minillm prune|distill` run)
     report.py     one table and a Pareto plot for any set of checkpoints (`minillm compress report`)
+
+The short fine-tune after pruning, and the loop distillation trains in, are training: `finetune` in
+train/fit.py, the step and loop that every training loop but the showpiece shares.
 """
 
 from minillm.compress.quant import QuantLinear, dequantize, quantize, quantize_model, set_backend, weight_bytes

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minillm.compress.finetune import finetune
 from minillm.model.losses import IGNORE_INDEX, cross_entropy
+from minillm.train.fit import finetune
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,

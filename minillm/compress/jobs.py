@@ -1,6 +1,6 @@
 """Compress a saved checkpoint into a new one: prune (+ fine-tune), or distil a student from it.
 
-The glue between the methods (prune.py, distill.py, finetune.py) and the checkpoint format: load,
+The glue between the methods (prune.py, distill.py, train/fit.py) and the checkpoint format: load,
 compress, optionally fine-tune on the checkpoint's own training text, measure validation perplexity
 before and after on the same batches, and save an ordinary checkpoint folder whose config.json
 records what was done ("pruning": {...} or "distillation": {...}). `minillm prune` and
@@ -24,10 +24,10 @@ import torch
 from minillm.weights.checkpoint import load_model, read_config, save_model
 from minillm.compress import prune as P
 from minillm.compress.distill import check_compatible, distill, load_teacher
-from minillm.compress.finetune import batches, finetune, text_tokens, val_loss
 from minillm.compress.quantize import recorded_data_source
 from minillm.model.config import ModelConfig
 from minillm.model.transformer import build_model, count_parameters
+from minillm.train.fit import batches, finetune, text_tokens, val_loss
 
 
 def _tokens(meta: dict, tokenizer, data: str | None, val_fraction: float):

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from minillm.weights.checkpoint import MODEL_FILE, find_checkpoint, load_model
-from minillm.compress.finetune import text_tokens, val_loss
 from minillm.compress.quant import QuantLinear
 from minillm.compress.quantize import recorded_data_source
 from minillm.generate.sampling import generate
+from minillm.train.fit import text_tokens, val_loss
 
 
 def count_weights(model) -> tuple[int, int]:

@@ -7,7 +7,7 @@ which weights move?
     frozen    only the head: the trunk's features are fixed, and the head learns to read them
     lora      low-rank adapters on the trunk's linear layers (finetune/lora.py) and the head
 
-    for step in range(max_iters):
+    for step in range(max_iters):          the shared loop and step of train/fit.py
         every eval_interval steps: evaluate on dev, save a checkpoint (LoRA merged into the weights)
         batch = next_batch(step);  loss = model(**batch)[1];  loss.backward()
         clip ‖g‖;  lr = warm-up + cosine;  AdamW step on the trainable parameters only
@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import math
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -32,8 +31,9 @@ from minillm.files import write_bytes
 from minillm.finetune.config import FinetuneConfig
 from minillm.finetune.lora import apply_lora, merge_lora, save_adapter
 from minillm.train.config import TrainingDiverged, TrainingInterrupted
+from minillm.train.fit import fit as train_fit
 from minillm.train.metrics import MetricsLog
-from minillm.train.optim import clip_grad_norm, lr_at, make_optimizer, set_lr
+from minillm.train.optim import lr_at, make_optimizer
 
 
 def choose_trainable(model: torch.nn.Module, cfg: FinetuneConfig, head: list[str]) -> dict:
@@ -103,10 +103,11 @@ def fit(model, cfg: FinetuneConfig, next_batch, evaluate, *, tokenizer, head: li
     torch.manual_seed(cfg.seed)  # dropout masks
     bar = tqdm(total=cfg.max_iters, disable=not progress, unit="step", dynamic_ncols=True)
     say = bar.write if progress else (lambda line: None)
-    last_eval, checkpoint_step, step, train_s = {}, None, 0, 0.0
+    last_eval, checkpoint_step, step = {}, None, 0  # `step`: where an interrupt stopped the run
 
-    def evaluate_and_save() -> dict:
-        nonlocal checkpoint_step
+    def evaluate_and_save(at: int) -> None:
+        nonlocal last_eval, checkpoint_step, step
+        step = at
         ev = {"step": step, **evaluate()}
         if not math.isfinite(ev["val_loss"]):
             raise TrainingDiverged(f"dev loss is {ev['val_loss']} at step {step}; lower --learning_rate")
@@ -115,31 +116,23 @@ def fit(model, cfg: FinetuneConfig, next_batch, evaluate, *, tokenizer, head: li
         if step > 0:
             save(model, cfg, step, tokenizer, head, meta)
             checkpoint_step = step
-        return ev
+        last_eval = ev
 
-    try:
-        model.train()
-        for step in range(cfg.max_iters):
-            if step % cfg.eval_interval == 0:
-                last_eval = evaluate_and_save()
-                model.train()
-            t0 = time.perf_counter()
-            set_lr(optimizer, lr_at(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters))
-            loss = model(**next_batch(step))[1]
-            loss.backward()
-            if cfg.grad_clip > 0:
-                clip_grad_norm(model, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = loss.item()
-            train_s += time.perf_counter() - t0
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"loss is {value} at step {step}; lower --learning_rate")
-            log.write({"step": step, "loss": value})
-            bar.update(1)
-            bar.set_postfix_str(f"loss {value:.3f}")
-        step = cfg.max_iters
-        last_eval = evaluate_and_save()
+    def on_step(at: int, loss: torch.Tensor, lr: float) -> None:
+        nonlocal step
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"loss is {value} at step {at}; lower --learning_rate")
+        log.write({"step": at, "loss": value})
+        bar.update(1)
+        bar.set_postfix_str(f"loss {value:.3f}")
+        step = at + 1
+
+    try:  # the shared loop (train/fit.py); a dev evaluation and a checkpoint every eval_interval steps
+        train_s = train_fit(model, optimizer, next_batch, steps=cfg.max_iters, grad_clip=cfg.grad_clip,
+                            schedule=lambda at: lr_at(at, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters,
+                                                      cfg.max_iters),
+                            evaluate=evaluate_and_save, eval_interval=cfg.eval_interval, on_step=on_step)
         bar.close()
         log.plot(f"fine-tuning ({cfg.task}, {cfg.mode})")
     except KeyboardInterrupt:

@@ -6,9 +6,12 @@ Read in this order:
     evaluate.py   mean loss, perplexity and masked-token accuracy on fixed batches
     metrics.py    what a run reports: metrics.jsonl, the loss plot, MFU
     state.py      the train state that makes resume exact, and `resume` itself
-    loop.py       `train()`: the loop, with timing, evaluation and checkpointing as named steps
+    loop.py       `train()`: the showpiece pre-training loop, flat and long like nanoGPT's train.py,
+                  with timing, evaluation and checkpointing as named steps
+    fit.py        the step and the compact loop every other loop shares (`fit_step`, `fit`), and
+                  `finetune`: that loop on a text corpus (compression's fine-tune and distillation)
     seq2seq.py    `train_seq2seq()`: the encoder–decoder on parallel text (objective="seq2seq"),
-                  a compact loop reusing the same checkpointing, metrics and optimizer
+                  `fit` with the same checkpointing, metrics and optimizer as loop.py
 """
 
 from minillm.train.config import RECIPES, TrainConfig, TrainingDiverged, TrainingInterrupted

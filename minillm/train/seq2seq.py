@@ -1,6 +1,6 @@
 """Training the encoder–decoder (model/seq2seq.py) on parallel text: the paper's recipe, compactly.
 
-One optimizer step is
+One optimizer step is the shared one (train/fit.py), on a batch of pairs:
     sample batch_size pairs -> collate: src (B, S), tgt_in = [BOS y], tgt_out = [y EOS]
     loss = label-smoothed cross-entropy (ε = Seq2SeqConfig.label_smoothing, 0.1 as in §5.4)
     clip the gradient norm;  lr = the paper's schedule (§5.3);  AdamW step
@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -48,9 +47,10 @@ from minillm.model.config import ModelConfig
 from minillm.model.seq2seq import Seq2Seq, Seq2SeqConfig
 from minillm.model.transformer import count_parameters
 from minillm.train.config import TrainConfig, TrainingDiverged
+from minillm.train.fit import fit
 from minillm.train.loop import check_out_dir
 from minillm.train.metrics import MetricsLog
-from minillm.train.optim import clip_grad_norm, make_optimizer, set_lr
+from minillm.train.optim import make_optimizer
 from minillm.train.state import resume, save_train_state
 
 # what a run may choose of Seq2SeqConfig (the special-token ids come from the tokenizer)
@@ -168,53 +168,49 @@ def train_seq2seq(model_cfg: ModelConfig, tc: TrainConfig, data_source: str = "d
     n_eval = tc.eval_iters * tc.batch_size  # fixed pairs for the train/val loss
     eval_train, eval_val = train_ids[:n_eval], val_ids[:n_eval]
     bleu_pairs = [(s, t) for s, t in val_pairs if s.strip()][:tc.bleu_sentences]  # fixed sentences for val_bleu
-    val_loss, train_s, steps_timed, t0 = math.inf, 0.0, 0, time.perf_counter()
-    model.train()
-    for step in range(start, tc.max_iters + 1):
-        # (a resumed run already evaluated and saved its first step: it goes straight on training)
-        if (step % tc.eval_interval == 0 or step == tc.max_iters) and not (tc.resume and step == start):
-            train_s += time.perf_counter() - t0
-            val_loss = seq2seq_loss(model, eval_val, tc.batch_size, device)
-            ev = {"step": step, "train_loss": seq2seq_loss(model, eval_train, tc.batch_size, device),
-                  "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-            if not math.isfinite(val_loss):
-                raise TrainingDiverged(f"validation loss is {val_loss} at step {step}; the last good checkpoint "
-                                       f"in {tc.out_dir} is kept")
-            if bleu_pairs:
-                ev["val_bleu"] = greedy_bleu(model, tok, bleu_pairs)
-            log.write(ev)
-            bleu = f", val BLEU {ev['val_bleu']:.2f} (greedy, {len(bleu_pairs)} sentences)" if bleu_pairs else ""
-            say(f"step {step}: train loss {ev['train_loss']:.4f}, val loss {val_loss:.4f}{bleu}")
-            if step > 0 and (val_loss < best or tc.always_save_checkpoint):
-                # train state first; the manifest, written last by save_model, commits the folder
-                # (weights, config, tokenizer, train state together); then the old one goes
-                folder = begin_checkpoint(tc.out_dir, step)
-                save_train_state(folder, optimizer, gen, None, step=step, best_val_loss=min(best, val_loss))
-                save_model(folder, model, tok, step=step, best_val_loss=min(best, val_loss), **meta)
-                prune_checkpoints(tc.out_dir, keep=folder)
-            best = min(best, val_loss)
-            log.plot(f"Seq2Seq {cfg.n_enc_layer}+{cfg.n_dec_layer}L/{cfg.model.n_embd} on {data_source}")
-            t0 = time.perf_counter()
-        if step == tc.max_iters:
-            break
+    val_loss = math.inf
+
+    def evaluate_and_save(step: int) -> None:
+        nonlocal val_loss, best
+        val_loss = seq2seq_loss(model, eval_val, tc.batch_size, device)
+        ev = {"step": step, "train_loss": seq2seq_loss(model, eval_train, tc.batch_size, device),
+              "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        if not math.isfinite(val_loss):
+            raise TrainingDiverged(f"validation loss is {val_loss} at step {step}; the last good checkpoint "
+                                   f"in {tc.out_dir} is kept")
+        if bleu_pairs:
+            ev["val_bleu"] = greedy_bleu(model, tok, bleu_pairs)
+        log.write(ev)
+        bleu = f", val BLEU {ev['val_bleu']:.2f} (greedy, {len(bleu_pairs)} sentences)" if bleu_pairs else ""
+        say(f"step {step}: train loss {ev['train_loss']:.4f}, val loss {val_loss:.4f}{bleu}")
+        if step > 0 and (val_loss < best or tc.always_save_checkpoint):
+            # train state first; the manifest, written last by save_model, commits the folder
+            # (weights, config, tokenizer, train state together); then the old one goes
+            folder = begin_checkpoint(tc.out_dir, step)
+            save_train_state(folder, optimizer, gen, None, step=step, best_val_loss=min(best, val_loss))
+            save_model(folder, model, tok, step=step, best_val_loss=min(best, val_loss), **meta)
+            prune_checkpoints(tc.out_dir, keep=folder)
+        best = min(best, val_loss)
+        log.plot(f"Seq2Seq {cfg.n_enc_layer}+{cfg.n_dec_layer}L/{cfg.model.n_embd} on {data_source}")
+
+    def next_batch(step: int) -> dict:
         idx = torch.randint(len(train_ids), (tc.batch_size,), generator=gen).tolist()
         src, tgt_in, tgt_out = (x.to(device) for x in collate([train_ids[i] for i in idx], pad, bos, eos))
-        lr = seq2seq_lr(step + 1, tc.learning_rate, tc.warmup_iters)
-        set_lr(optimizer, lr)
-        _, loss = model(src, tgt_in, tgt_out)
-        loss.backward()
-        if tc.grad_clip > 0:
-            clip_grad_norm(model, tc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps_timed += 1
-        if step % tc.log_interval == 0:
+        return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
+
+    def on_step(step: int, loss: torch.Tensor, lr: float) -> None:
+        if step % tc.log_interval == 0:  # reading the loss waits for the device: only when it is logged
             loss_f = loss.item()
             if not math.isfinite(loss_f):
                 raise TrainingDiverged(f"training loss is {loss_f} at step {step}; the last good checkpoint in "
                                        f"{tc.out_dir} is kept")
             log.write({"step": step, "loss": loss_f, "lr": lr})
-    train_s += time.perf_counter() - t0
+
+    # the shared loop (train/fit.py); a resumed run already evaluated and saved its first step
+    train_s = fit(model, optimizer, next_batch, steps=tc.max_iters, start=start, grad_clip=tc.grad_clip,
+                  schedule=lambda step: seq2seq_lr(step + 1, tc.learning_rate, tc.warmup_iters),
+                  evaluate=evaluate_and_save, eval_interval=tc.eval_interval, eval_first=not tc.resume,
+                  on_step=on_step)
     return dict(step=tc.max_iters, val_loss=val_loss, best_val_loss=best, device=str(device), out_dir=tc.out_dir,
-                ms_per_iter=1000 * train_s / max(steps_timed, 1), model=model.eval(), tokenizer=tok,
+                ms_per_iter=1000 * train_s / max(tc.max_iters - start, 1), model=model.eval(), tokenizer=tok,
                 val_pairs=val_pairs, rank=0)
