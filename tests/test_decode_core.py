@@ -260,3 +260,41 @@ def test_generate_text_and_the_engine_end_a_completion_at_the_same_place():
     finally:
         engine.shutdown()
     assert text == "".join(pieces) == ev.text == free[:free.index(stop)] and ev.finish_reason == "stop"
+
+
+def test_slot_cache_reorder_moves_rows_with_their_lengths():
+    model = tiny_model(positional="learned")
+    cfg = model.cfg
+    rows = [[3, 4, 5, 6, 7], [9, 10, 11]]
+    cache = SlotKVCache(cfg.n_layer, 2, cfg.kv_heads, cfg.block_size, cfg.head_dim)
+    with torch.no_grad():
+        for slot, r in enumerate(rows):
+            cache.select(slot, 1)
+            prefill(model, torch.tensor([r[:-1]]), cache)
+        cache.select(0, 2)
+        cache.reorder(torch.tensor([1, 0]))
+        assert cache.lengths == [2, 4]
+        got = decode_step(model, torch.tensor([[rows[1][-1]], [rows[0][-1]]]), cache)
+    for b, r in enumerate(rows[::-1]):
+        torch.testing.assert_close(got[b], full_logits(model, torch.tensor([r]))[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_seq2seq_decoder_runs_through_the_same_core():
+    from minillm.generate.core import WithSource
+    from minillm.model.seq2seq import Seq2Seq, Seq2SeqConfig
+
+    torch.manual_seed(0)
+    model = Seq2Seq(Seq2SeqConfig(model=ModelConfig(vocab_size=30, block_size=16, n_layer=2, n_head=2,
+                                                    n_embd=32, positional="rotary"))).eval()
+    src = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])  # row 1 padded (pad_id 0)
+    tgt = torch.tensor([[1, 11, 12, 13, 14], [1, 15, 16, 17, 18]])
+    with torch.no_grad():
+        want = model(src, tgt)[0]  # (2, 5, V) teacher forcing, one pass
+        dec, cache = WithSource(model, src), model.new_cache(2)
+        got = [prefill(dec, tgt[:, :2], cache)] + [decode_step(dec, tgt[:, t:t + 1], cache) for t in (2, 3)]
+        index = torch.tensor([1, 0])  # beam search: rows follow an index, sources with them
+        cache.reorder(index)
+        dec.reorder(index)
+        last = decode_step(dec, tgt[index, 4:5], cache)
+    torch.testing.assert_close(torch.stack(got, 1), want[:, 1:4], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, want[index, 4], atol=1e-5, rtol=1e-5)

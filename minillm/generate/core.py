@@ -4,6 +4,7 @@
     decode_step(model, token, cache)     one new token per row (B, 1) through the cache -> logits (B, V)
     extend(model, tokens, cache)         T new tokens per row at once -> logits at each (B, T, V):
                                          how speculative decoding checks a draft
+    WithSource(seq2seq, src)             an encoder–decoder's decoder, called like a CausalLM
 
 Autoregressive decoding repeats "run the model, pick the next token from the last position's
 distribution, append it". Without a cache each step re-runs the whole prefix (nanoGPT's sample.py:
@@ -72,3 +73,26 @@ def decode_step(model, token: torch.Tensor, cache, flat=None) -> torch.Tensor:
         return flat.step(token, cache, positions, kpm)  # (B, V)
     logits, _ = model(token, positions=positions, key_padding_mask=kpm, cache=cache)
     return logits[:, -1]  # (B, V)
+
+
+class WithSource:
+    """A Seq2Seq's decoder bound to one batch of sources, called as the core calls a CausalLM.
+
+    The core runs `model(tokens, positions=, key_padding_mask=, cache=)`; an encoder–decoder's
+    decoder also needs the source's cross-attention k, v (`Seq2Seq.cross_kv`, computed once) and its
+    padding mask. Beam search reorders rows: `reorder(index)` moves the sources with the cache's rows
+    (cache.reorder(index)). Target rows are never padded, so the cache's positions are its own."""
+
+    def __init__(self, model, src: torch.Tensor, src_mask: torch.Tensor | None = None):
+        self.model, self.cfg = model, model.cfg
+        self.src_mask = src != model.cfg.pad_id if src_mask is None else src_mask.bool()  # (B, S)
+        self.kv = model.cross_kv(model.encode(src, self.src_mask))  # per layer (B, H_kv, S, D) k, v
+
+    def __call__(self, tokens, positions=None, key_padding_mask=None, cache=None):
+        if positions is not None or key_padding_mask is not None:
+            raise ValueError("an encoder–decoder's target rows are not padded: use an unpadded cache")
+        return self.model.decode(tokens, self.kv, self.src_mask, None, cache), None  # (B, T, V), no loss
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.kv = [(k[index], v[index]) for k, v in self.kv]
+        self.src_mask = self.src_mask[index]
