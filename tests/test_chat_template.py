@@ -126,3 +126,35 @@ def test_templates_from_hf_folders(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a JSON object"):
         template_from_hf_folder(tmp_path)
+
+
+def test_tokenizers_carry_their_template_and_end_of_turn(tmp_path):
+    from minillm.data.chat_template import chat_prompt_for
+    from minillm.data.tokenizer import load_tokenizer
+    from minillm.data.tokenizer_gguf import GGUFTokenizer
+    from minillm.data.tokenizer_hf import load_hf_tokenizer
+
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b"]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["a b"],
+            "tokenizer.ggml.token_type": [3, 3, 3, 1, 1], "tokenizer.ggml.pre": "smollm",
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.chat_template": SMOLLM2}
+    tok = GGUFTokenizer.from_metadata(meta)
+    text, stops = chat_prompt_for(tok, [{"role": "user", "content": "Hi"}])
+    assert text.endswith("<|im_start|>assistant\n") and stops == ["<|im_end|>"]
+    tok.save(tmp_path / "t.json")
+    assert load_tokenizer(tmp_path / "t.json").chat_template == SMOLLM2  # kept through a checkpoint
+
+    # a Hugging Face folder: tokenizer.json + tokenizer_config.json with the template and eos
+    hf_tok = hf_tokenizer(SMOLLM2)
+    hf_tok.save_pretrained(tmp_path / "hf")
+    ours = load_hf_tokenizer(tmp_path / "hf")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert chat_prompt_for(ours, msgs)[0] == hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert ours.eos_token == "</s>"
+    assert chat_prompt_for(load_tokenizer_without_template(), msgs) is None
+
+
+def load_tokenizer_without_template():
+    class Plain:  # minillm's own char/BPE tokenizers have no chat template
+        pass
+    return Plain()

@@ -123,3 +123,17 @@ def template_from_hf_folder(folder: str | Path) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{config}: chat_template must be a string or a list of named templates")
     return value
+
+
+def chat_prompt_for(tokenizer, messages: list[dict], add_generation_prompt: bool = True):
+    """(prompt text, stop strings) in the tokenizer's own chat template, or None when it has none.
+
+    The answer ends at the end-of-turn token the template closes each message with, which is the
+    tokenizer's eos_token for the templates models ship (<|im_end|> for ChatML, <|eot_id|> for
+    Llama 3)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token")}
+    text = render_chat(template, messages, add_generation_prompt, {k: v for k, v in specials.items() if v})
+    return text, [specials["eos_token"]] if specials["eos_token"] else []

@@ -85,13 +85,17 @@ class GGUFTokenizer:
     (encode, decode, vocab_size, special_tokens, to_dict/save). `encode` adds no BOS/EOS."""
 
     def __init__(self, tokens: list[str], merges: list[str], token_types: list[int] | None = None,
-                 pre: str = "gpt2", bos_id: int | None = None, eos_id: int | None = None):
+                 pre: str = "gpt2", bos_id: int | None = None, eos_id: int | None = None,
+                 chat_template: str | None = None):
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"GGUF pre-tokenizer {pre!r} is not one minillm reads; "
                              f"known: {', '.join(sorted(PRE_TOKENIZERS))}")
         self.tokens, self.merges, self.pre = list(tokens), list(merges), pre
         self.token_types = list(token_types) if token_types is not None else [1] * len(tokens)
         self.bos_id, self.eos_id = bos_id, eos_id
+        self.chat_template = chat_template  # the model's own Jinja chat template (chat_template.py)
+        self.bos_token = self.tokens[bos_id] if bos_id is not None and 0 <= bos_id < len(self.tokens) else None
+        self.eos_token = self.tokens[eos_id] if eos_id is not None and 0 <= eos_id < len(self.tokens) else None
         self.ids = {t: i for i, t in enumerate(self.tokens)}
         # rank of each merge: lower = learned earlier = applied first
         self.ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(self.merges)}
@@ -114,7 +118,8 @@ class GGUFTokenizer:
                              f"BPE, 'gpt2')")
         return cls(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"],
                    meta.get("tokenizer.ggml.token_type"), meta.get("tokenizer.ggml.pre", "gpt2"),
-                   meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id"))
+                   meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id"),
+                   meta.get("tokenizer.chat_template"))
 
     @property
     def vocab_size(self) -> int:
@@ -175,12 +180,12 @@ class GGUFTokenizer:
 
     def to_dict(self) -> dict:
         return {"type": "gguf", "tokens": self.tokens, "merges": self.merges, "token_types": self.token_types,
-                "pre": self.pre, "bos_id": self.bos_id, "eos_id": self.eos_id}
+                "pre": self.pre, "bos_id": self.bos_id, "eos_id": self.eos_id, "chat_template": self.chat_template}
 
     @classmethod
     def from_dict(cls, d: dict) -> "GGUFTokenizer":
         return cls(d["tokens"], d["merges"], d.get("token_types"), d.get("pre", "gpt2"), d.get("bos_id"),
-                   d.get("eos_id"))
+                   d.get("eos_id"), d.get("chat_template"))
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict(), indent=None, sort_keys=False)

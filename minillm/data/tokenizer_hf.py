@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from minillm.data.chat_template import template_from_hf_folder
 from minillm.data.tokenizer_base import as_id_list
 from minillm.files import write_json
 
@@ -23,7 +24,8 @@ class HFTokenizer:
     other tokenizers here it maps text to ids and nothing else.
     """
 
-    def __init__(self, tokenizer_json: str):
+    def __init__(self, tokenizer_json: str, chat_template: str | None = None, bos_token: str | None = None,
+                 eos_token: str | None = None):
         try:
             from tokenizers import Tokenizer
         except ImportError:
@@ -33,6 +35,9 @@ class HFTokenizer:
         self._tok = Tokenizer.from_str(tokenizer_json)
         added = json.loads(tokenizer_json).get("added_tokens", [])
         self.special_tokens = {t["content"]: t["id"] for t in added if t.get("special")}
+        # from tokenizer_config.json: the model's own chat template (chat_template.py) and the
+        # special tokens it refers to; None for a base model
+        self.chat_template, self.bos_token, self.eos_token = chat_template, bos_token, eos_token
 
     @property
     def vocab_size(self) -> int:
@@ -49,11 +54,12 @@ class HFTokenizer:
         return self._tok.decode(as_id_list(ids), skip_special_tokens=False)
 
     def to_dict(self) -> dict:
-        return {"type": "hf", "tokenizer_json": self._json}
+        return {"type": "hf", "tokenizer_json": self._json, "chat_template": self.chat_template,
+                "bos_token": self.bos_token, "eos_token": self.eos_token}
 
     @classmethod
     def from_dict(cls, d: dict) -> "HFTokenizer":
-        return cls(d["tokenizer_json"])
+        return cls(d["tokenizer_json"], d.get("chat_template"), d.get("bos_token"), d.get("eos_token"))
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict(), indent=None, sort_keys=False)
@@ -63,9 +69,31 @@ class HFTokenizer:
 
 
 def load_hf_tokenizer(folder: str | Path) -> HFTokenizer:
-    """The tokenizer of a Hugging Face model folder (its tokenizer.json)."""
+    """The tokenizer of a Hugging Face model folder (its tokenizer.json), with the chat template and
+    special tokens of its tokenizer_config.json / chat_template.jinja when it has them."""
     path = Path(folder)
     path = path / "tokenizer.json" if path.is_dir() else path
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer.json in {folder}: a Hugging Face model folder has one")
-    return HFTokenizer(path.read_text(encoding="utf-8"))
+    template = template_from_hf_folder(path.parent)
+    specials = _special_token_strings(path.parent / "tokenizer_config.json")
+    return HFTokenizer(path.read_text(encoding="utf-8"), template, specials.get("bos_token"),
+                       specials.get("eos_token"))
+
+
+def _special_token_strings(config: Path) -> dict[str, str]:
+    """bos_token / eos_token of a tokenizer_config.json, given as a string or as {"content": ...}."""
+    if not config.is_file():
+        return {}
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # template_from_hf_folder has already said what is wrong with it
+    out = {}
+    for key in ("bos_token", "eos_token"):
+        value = data.get(key) if isinstance(data, dict) else None
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            out[key] = value
+    return out
