@@ -9,7 +9,8 @@ Read in this order:
                   several prompts in one left-padded batch, past block_size, streaming text
     text.py       from new token ids to final text: stop strings, held-back UTF-8 and stop prefixes
     flat.py       a cached decode step without the module tree: the same ops, less Python per token
-    beam.py       greedy and beam search (GNMT length penalty) for the encoder–decoder and the causal LM
+    beam.py       greedy and beam search (GNMT's or Hugging Face's length penalty) for the
+                  encoder–decoder and the causal LM, stepped through the decode core
     batching.py   continuous batching: requests join and leave one shared batch between decode steps
                   (what the server runs)
 """

@@ -36,12 +36,15 @@ Stopping, per example:
                            early_stopping=False must agree with, since its bound is exact).
 At `max_new_tokens` the top K candidates of the last step finish as they stand, EOS or not.
 
-Caching. The step function below sees the whole prefix each step (`use_cache=False`, the reference)
-or only the newest token with the decoder's KV cache (`use_cache=True`); tests hold the two equal.
-When beams are reordered (a beam's survivors are copies of other beams), the KV cache rows are
-gathered with the same index. For Seq2Seq the cross-attention K/V are computed once per source and
-repeated K times; every beam of an example reads the same source, so a reorder (which only permutes
-beams *within* an example) leaves them unchanged and they are never copied again.
+Stepping. The search only needs log p(next token) for every beam; it gets them from the decode core
+(minillm/generate/core.py), like every other loop that produces tokens. Uncached (`use_cache=False`,
+the reference) each step runs the whole prefix through `prefill` with no cache; cached, the first
+step prefills the model's KV cache and each later one runs only the newest token (`decode_step`);
+tests hold the two equal. A Seq2Seq runs as its decoder bound to the sources (`core.WithSource`):
+the cross-attention K/V are computed once per source and repeated K times. When beams are
+reordered (a beam's survivors are copies of other beams), the cache's rows follow with
+`cache.reorder(index)`; the sources need not, since a reorder only permutes beams *within* an
+example and every beam of an example reads the same source.
 
     >>> tokens, scores = beam_search(model, src, beam_size=4, max_new_tokens=50, alpha=0.6)
     >>> tokens, scores = beam_search(model, src, beam_size=4, alpha=1.0, length_penalty_style="hf")
@@ -54,6 +57,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from minillm.generate.core import WithSource, decode_step, prefill
 from minillm.model.seq2seq import Seq2Seq
 
 LENGTH_PENALTY_STYLES = ("gnmt", "hf")
@@ -72,49 +76,43 @@ def check_length_penalty_style(style: str) -> None:
 
 
 class _Stepper:
-    """Next-token log-probabilities for N = B·K rows of prefixes, with or without the KV cache.
+    """Next-token log-probabilities for N = B·K rows of prefixes, through the decode core (core.py).
 
-    Seq2Seq: the prefix is [BOS, y1, ...]; CausalLM: [prompt..., y1, ...] (prompts of equal length)."""
+    Seq2Seq: the prefix is [BOS, y1, ...], and the model the core runs is its decoder bound to the
+    sources (`WithSource`); CausalLM: [prompt..., y1, ...] (prompts of equal length). Uncached, every
+    step runs the whole prefix (`prefill` with no cache); cached, the first step prefills the cache
+    and each later one feeds only the newest token (`decode_step`)."""
 
     def __init__(self, model, inputs: torch.Tensor, n_rep: int, max_new_tokens: int, use_cache: bool,
                  src_mask: torch.Tensor | None = None):
-        self.model, self.use_cache = model, use_cache
-        self.seq2seq = isinstance(model, Seq2Seq)
         B = inputs.shape[0]
-        if self.seq2seq:
-            cfg = model.cfg
-            src_mask = inputs != cfg.pad_id if src_mask is None else src_mask.bool()  # (B, S)
-            memory = model.encode(inputs, src_mask)  # (B, S, C): the source is read once
-            # each example's K beams share its source: repeat rows b → b·K .. b·K+K-1
-            self.kv = [(k.repeat_interleave(n_rep, 0), v.repeat_interleave(n_rep, 0))  # (B·K, H_kv, S, D)
-                       for k, v in model.cross_kv(memory)]
-            self.src_mask = src_mask.repeat_interleave(n_rep, 0)  # (B·K, S)
-            self.prefix = torch.full((B * n_rep, 1), cfg.bos_id, dtype=torch.long, device=inputs.device)
-            max_len = 1 + max_new_tokens
+        rows = torch.arange(B, device=inputs.device).repeat_interleave(n_rep)  # (B·K,) row b -> b·K .. b·K+K-1
+        if isinstance(model, Seq2Seq):
+            self.model = WithSource(model, inputs, src_mask)  # the source is encoded once, B rows ...
+            self.model.reorder(rows)  # ... and each example's K beams read copies of its cross-attention k, v
+            self.prefix = torch.full((B * n_rep, 1), model.cfg.bos_id, dtype=torch.long, device=inputs.device)
         else:
-            self.prefix = inputs.repeat_interleave(n_rep, 0)  # (B·K, T0)
-            max_len = inputs.shape[1] + max_new_tokens
+            self.model, self.prefix = model, inputs[rows]  # (B·K, T0)
+        max_len = self.prefix.shape[1] + max_new_tokens
         self.cache = model.new_cache(B * n_rep, max_len) if use_cache else None
-        self.fed = 0  # how many prefix tokens the cache already holds
 
     def logprobs(self) -> torch.Tensor:
         """log p(next token | prefix) for every row: (N, V)."""
-        x = self.prefix[:, self.fed:] if self.use_cache else self.prefix  # only new tokens go through
-        if self.seq2seq:
-            logits = self.model.decode(x, self.kv, self.src_mask, None, self.cache)  # (N, t, V)
-        else:
-            logits, _ = self.model(x, cache=self.cache)  # (N, t, V)
-        if self.use_cache:
-            self.fed = self.prefix.shape[1]
-        return F.log_softmax(logits[:, -1].float(), dim=-1)  # (N, V)
+        if self.cache is None or self.cache.length == 0:  # no cache, or the first step: the whole prefix
+            logits = prefill(self.model, self.prefix, self.cache)  # (N, V)
+        else:  # the cache holds all but the newest token
+            logits = decode_step(self.model, self.prefix[:, -1:], self.cache)  # (N, V)
+        return F.log_softmax(logits.float(), dim=-1)  # (N, V)
 
-    def advance(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Row i of the next step continues old row rows[i] with tokens[i]."""
-        self.prefix = torch.cat([self.prefix[rows], tokens[:, None]], dim=1)  # (N, t+1)
-        if self.cache is not None:
-            # cache.k, cache.v: (L, N, H_kv, max_len, D) — gather the batch axis like the prefixes
-            self.cache.k = self.cache.k[:, rows]
-            self.cache.v = self.cache.v[:, rows]
+    def advance(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Row i of the next step continues old row rows[i] (None: row i) with tokens[i].
+
+        The cache's rows follow the same index. The sources need not: beams are only reordered
+        within an example, and every beam of an example reads the same source."""
+        prefix = self.prefix if rows is None else self.prefix[rows]
+        self.prefix = torch.cat([prefix, tokens[:, None]], dim=1)  # (N, t+1)
+        if rows is not None and self.cache is not None:
+            self.cache.reorder(rows)
 
 
 @torch.no_grad()
@@ -145,7 +143,7 @@ def greedy_search(model, inputs: torch.Tensor, max_new_tokens: int, eos_id: int 
                 out[b].append(tok[b].item())
         if all(done):
             break
-        st.advance(torch.arange(B, device=inputs.device), tok)  # finished rows keep going, ignored
+        st.advance(tok)  # finished rows keep going, ignored
     scores = torch.tensor([logp_sum[b].item() / length_penalty(lengths[b], alpha, length_penalty_style)
                            for b in range(B)])
     return out, scores
@@ -214,7 +212,7 @@ def beam_search(model, inputs: torch.Tensor, beam_size: int = 4, max_new_tokens:
             toks += [tok for _, _, tok in new_beams]
         if all(done) or t == max_new_tokens:
             break
-        st.advance(torch.tensor(rows, device=inputs.device), torch.tensor(toks, device=inputs.device))
+        st.advance(torch.tensor(toks, device=inputs.device), torch.tensor(rows, device=inputs.device))
     tokens = [finished[b][0][1] for b in range(B)]
     scores = torch.tensor([finished[b][0][0] for b in range(B)])
     return tokens, scores

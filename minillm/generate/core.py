@@ -46,8 +46,11 @@ def prefill(model, tokens: torch.Tensor, cache=None, key_padding_mask: torch.Ten
     token (the cache remembers the padding for the decode steps). cache None: no cache, the whole
     context runs every time — what an uncached loop calls on every step."""
     if cache is None:
-        positions = None if key_padding_mask is None else positions_from_mask(key_padding_mask)
-        logits, _ = model(tokens, positions=positions, key_padding_mask=key_padding_mask)
+        if key_padding_mask is None:  # every row starts at position 0: the plainest call, model(idx)
+            logits, _ = model(tokens)
+        else:
+            positions = positions_from_mask(key_padding_mask)  # (B, T): each row from its first real token
+            logits, _ = model(tokens, positions=positions, key_padding_mask=key_padding_mask)
         return logits[:, -1]  # (B, V): the last position predicts the next token
     if key_padding_mask is not None:
         cache.pad_left(key_padding_mask)
