@@ -50,3 +50,23 @@ def test_swiglu_ffn_is_gated():
     expected = ffn.down(F.silu(ffn.gate(x)) * ffn.up(x))
     assert_close(ffn(x), expected)
     assert ffn.up.weight.shape == (cfg.ffn_dim, 64) and cfg.ffn_dim % 64 == 0
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "swiglu"])
+def test_an_ffn_swaps_its_activation_for_the_fused_twin_and_computes_the_same(activation):
+    from minillm.model.layers import FUSED_ACTIVATIONS, make_ffn
+
+    torch.manual_seed(0)
+    ffn = make_ffn(ModelConfig(n_embd=32, n_head=4, activation=activation))
+    x = torch.randn(2, 5, 32)
+    readable, weights = ffn(x), {k: v.clone() for k, v in ffn.state_dict().items()}
+    written_out = ffn.act
+    ffn.use_fused_activation()
+    assert ffn.act is FUSED_ACTIVATIONS[written_out] and ffn.act.__module__ != "minillm.model.layers"
+    ffn.use_fused_activation()  # a second swap changes nothing
+    assert ffn.act is FUSED_ACTIVATIONS[written_out]
+    assert all(torch.equal(weights[k], v) for k, v in ffn.state_dict().items())
+    assert_close(ffn(x), readable)
+    for fn, fused in FUSED_ACTIVATIONS.items():  # each twin is the same function
+        z = torch.linspace(-8, 8, 1001)
+        assert_close(fused(z), fn(z))

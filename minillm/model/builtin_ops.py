@@ -11,7 +11,8 @@ training step (measured on the shakespeare-char CPU recipe; see bench/convergenc
 `replace_linear_weight_only_int8_per_channel`):
     minillm LayerNorm  -> nn.LayerNorm      (same weight/bias Parameters: optimizer and checkpoints
     minillm RMSNorm    -> nn.RMSNorm         are unaffected, state_dict keys are unchanged)
-    FFN activation     -> F.relu / F.gelu / F.gelu(approximate="tanh") / F.silu
+    FFN activation     -> F.relu / F.gelu / F.gelu(approximate="tanh") / F.silu  (the FFN swaps its
+                                             own: FeedForward.use_fused_activation)
 and `builtin_loss` is `F.cross_entropy` over (B·T, V) with the same ignore index (-100).
 Training uses it with `--builtin_ops=true`; the model saved is the same model.
 
@@ -24,18 +25,13 @@ running at nanoGPT's speed and well above it (bench/decode.py measures both).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm.model.config import ModelConfig
-from minillm.model.layers import FeedForward, LayerNorm, RMSNorm, gelu, gelu_tanh, relu, silu
+from minillm.model.layers import FeedForward, LayerNorm, RMSNorm
 from minillm.model.losses import IGNORE_INDEX
-
-BUILTIN_ACTIVATIONS = {relu: F.relu, gelu: F.gelu, gelu_tanh: functools.partial(F.gelu, approximate="tanh"),
-                       silu: F.silu}
 
 
 def _builtin_norm(norm: nn.Module) -> nn.Module:
@@ -53,11 +49,11 @@ def _builtin_norm(norm: nn.Module) -> nn.Module:
 def use_builtin_ops(model: nn.Module) -> nn.Module:
     """Swap written-out norms and activations for PyTorch's fused ones, in place; returns model."""
     for module in list(model.modules()):
+        if isinstance(module, FeedForward):
+            module.use_fused_activation()  # the FFN swaps its own activation: its insides stay its own
         for name, child in list(module.named_children()):
             if isinstance(child, (LayerNorm, RMSNorm)):
                 setattr(module, name, _builtin_norm(child))
-            elif isinstance(child, FeedForward) and child.act in BUILTIN_ACTIVATIONS:
-                child.act = BUILTIN_ACTIVATIONS[child.act]
     return model
 
 

@@ -16,8 +16,8 @@ Each piece is tested against its PyTorch twin in tests/test_layers.py.
 
 from __future__ import annotations
 
+import functools
 import math
-
 from typing import Callable
 
 import torch
@@ -95,6 +95,12 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 
 ACTIVATION_FNS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
 
+# PyTorch's fused twin of each activation above: the same function in one kernel instead of ~5
+# elementwise ones (tests/test_layers.py holds each pair equal). `FeedForward.use_fused_activation`
+# swaps one in; model/builtin_ops.py does it for a whole model.
+FUSED_ACTIVATIONS = {relu: F.relu, gelu: F.gelu, gelu_tanh: functools.partial(F.gelu, approximate="tanh"),
+                     silu: F.silu}
+
 
 class FeedForward(nn.Module):
     """Position-wise FFN: C → hidden → C.
@@ -116,6 +122,11 @@ class FeedForward(nn.Module):
         if self.swiglu:
             return self.down(self.act(self.gate(x)) * self.up(x))
         return self.down(self.act(self.up(x)))
+
+    def use_fused_activation(self) -> None:
+        """Swap the written-out activation for PyTorch's fused twin (`FUSED_ACTIVATIONS`), in place.
+        The weights are untouched; an activation without a twin (or already fused) stays as it is."""
+        self.act = FUSED_ACTIVATIONS.get(self.act, self.act)
 
     def bound_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """x -> self(x) as one plain function, with the weights as they are now bound into it:

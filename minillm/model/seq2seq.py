@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from minillm.model.attention import KVCache, MultiHeadAttention, attention_dispatch, merge_heads, split_heads
 from minillm.model.config import ModelConfig
-from minillm.model.layers import FeedForward, dropout, make_norm
+from minillm.model.layers import dropout, make_ffn, make_norm
 from minillm.model.positional import Rotary, make_additive_positions
 from minillm.model.transformer import Transformer, init_weights
 
@@ -119,7 +119,7 @@ class DecoderBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = make_norm(cfg), make_norm(cfg), make_norm(cfg)
         self.self_attn = MultiHeadAttention(cfg, rotary)  # cfg.causal is True: the future is hidden
         self.cross_attn = CrossAttention(cfg)
-        self.ffn = FeedForward(cfg)
+        self.ffn = make_ffn(cfg)
         self.ffn_drop = nn.Dropout(cfg.rate("resid"))
 
     def forward(self, x, positions, kv, src_mask=None, tgt_mask=None, cache=None, layer=0):
