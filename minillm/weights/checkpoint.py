@@ -338,8 +338,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", backend: st
                **config_overrides):
     """(model, tokenizer or None, config dict) from a checkpoint, float or quantized.
 
-    path: a checkpoint folder, a training run's out_dir (its newest complete checkpoint), or a
-    Hugging Face model folder (minillm.weights.huggingface.load_hf_folder).
+    path: a checkpoint folder, a training run's out_dir (its newest complete checkpoint), a
+    Hugging Face model folder (minillm.weights.huggingface.load_hf_folder) or a llama GGUF file
+    (minillm.weights.gguf_llama.load_gguf).
     config_overrides: fields that do not alter the weights, e.g. attention="sdpa".
     backend (quantized models only): the matmul of the quantized layers; None picks "triton" on
     CUDA with triton installed, "reference" otherwise.
@@ -351,6 +352,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", backend: st
             return load_hf_folder(path, device, **config_overrides)
         except (ValueError, KeyError, TypeError, SafetensorError) as e:
             raise CheckpointError(f"{path}: {e}") from None
+    from minillm.weights.gguf_llama import is_gguf_file, load_gguf
+
+    if is_gguf_file(path):  # a llama.cpp GGUF file; its errors are already one line naming the file
+        model, meta = load_gguf(path, **config_overrides)
+        return model.to(device), None, meta  # (the tokenizer in its metadata is not read yet)
     folder = find_checkpoint(path)
     verify(folder)
     meta = read_config(folder)
