@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
+from minillm.data.tokenizer_gguf import GGUFTokenizer, bytes_to_unicode
 from minillm.weights.checkpoint import load_model
 from minillm.weights.gguf import GGUFError, read_gguf
 from minillm.weights.gguf_llama import IGNORED, REFUSED, llama_tensor_map, load_gguf
@@ -181,8 +182,12 @@ def write_tiny_llama(path, hf, types=("F32",), arch="llama", extra_tensors=()):
     w.add_rope_freq_base(c.rope_parameters["rope_theta"] if hasattr(c, "rope_parameters") else c.rope_theta)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+    w.add_tokenizer_model("gpt2")  # byte-level BPE, the tokenizer minillm reads from GGUF metadata
+    w.add_tokenizer_pre("gpt2")
+    byte_chars = list(bytes_to_unicode().values())
+    w.add_token_list([byte_chars[i] if i < 256 else f"<t{i}>" for i in range(c.vocab_size)])
+    w.add_token_merges([])
+    w.add_token_types([1] * c.vocab_size)
     sd = {k: v.detach() for k, v in hf.state_dict().items()}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     if not c.tie_word_embeddings:
@@ -260,7 +265,8 @@ def test_load_model_reads_a_gguf_file(tmp_path):
     hf = tiny_hf_llama()
     path = write_tiny_llama(tmp_path / "tiny.gguf", hf)
     model, tokenizer, meta = load_model(path, block_size=32, attention="sdpa")
-    assert tokenizer is None and meta["gguf"]["version"] == 3 and model.cfg.block_size == 32
+    assert isinstance(tokenizer, GGUFTokenizer) and tokenizer.vocab_size == model.cfg.vocab_size
+    assert meta["gguf"]["version"] == 3 and model.cfg.block_size == 32
     with torch.no_grad():
         torch.testing.assert_close(model(ids())[0], hf(ids()).logits, rtol=0, atol=1e-5)
 
@@ -355,3 +361,24 @@ def test_smollm2_gguf_logits_match_transformers():
             # to 1.5e-4 on these logits, and so do we at worst (1.4e-4 here); in fp64, with RoPE in
             # fp64 too, the two models agree to 1e-10. A wrong layout or name would be off by O(1).
             assert diff.max() <= 2e-4 and diff.mean() <= 3e-5, (T, diff.max().item(), diff.mean().item())
+
+
+def test_a_tokenizer_we_do_not_read_is_one_line(tmp_path):
+    """load_model hands back the file's tokenizer; a SentencePiece ('llama') one is refused by name."""
+    hf = tiny_hf_llama()
+    path = write_tiny_llama(tmp_path / "tiny.gguf", hf)
+    f = read_gguf(path)
+    w = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    for key, value in f.metadata.items():
+        if key.startswith(("llama.", "general.name")):
+            (w.add_uint32 if isinstance(value, int) else w.add_float32 if isinstance(value, float)
+             else w.add_string)(key, value)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(hf.config.vocab_size)])
+    for name in f.tensors:
+        w.add_tensor(name, np.ascontiguousarray(f.tensor(name)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    refused(tmp_path / "spm.gguf", "tokenizer model 'llama' is not one minillm reads", loader=load_model)

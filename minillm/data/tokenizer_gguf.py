@@ -116,7 +116,7 @@ class GGUFTokenizer:
         if model != "gpt2":
             raise ValueError(f"GGUF tokenizer model {model!r} is not one minillm reads (only byte-level "
                              f"BPE, 'gpt2')")
-        return cls(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"],
+        return cls(meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.merges", []),
                    meta.get("tokenizer.ggml.token_type"), meta.get("tokenizer.ggml.pre", "gpt2"),
                    meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id"),
                    meta.get("tokenizer.chat_template"))

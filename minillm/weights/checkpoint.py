@@ -355,8 +355,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", backend: st
     from minillm.weights.gguf_llama import is_gguf_file, load_gguf
 
     if is_gguf_file(path):  # a llama.cpp GGUF file; its errors are already one line naming the file
+        from minillm.data.tokenizer_gguf import GGUFTokenizer
+        from minillm.weights.gguf import GGUFError
+
         model, meta = load_gguf(path, **config_overrides)
-        return model.to(device), None, meta  # (the tokenizer in its metadata is not read yet)
+        try:  # the tokenizer (and chat template) travel in the file's metadata
+            tokenizer = GGUFTokenizer.from_metadata(meta["gguf"]["metadata"])
+        except (KeyError, TypeError) as e:
+            raise GGUFError(f"{path}: incomplete tokenizer metadata ({e})") from None
+        except ValueError as e:
+            raise GGUFError(f"{path}: {e}") from None
+        return model.to(device), tokenizer, meta
     folder = find_checkpoint(path)
     verify(folder)
     meta = read_config(folder)
