@@ -179,9 +179,12 @@ def prune_checkpoints(out_dir: str | Path, keep: Path) -> None:
 
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder `path` names: itself if it holds config.json, else a run's newest complete one."""
-    path = Path(path)
-    if (path / CONFIG_FILE).exists():
-        return path
+    from minillm.weights.gguf_llama import is_gguf_file
+    from minillm.weights.pull import resolve
+
+    path = resolve(path)  # a pulled model's name (minillm pull) stands for its file
+    if (path / CONFIG_FILE).exists() or (path.is_file() and is_gguf_file(path)):
+        return path  # a checkpoint or Hugging Face folder, or a GGUF file: load_model reads each
     latest = latest_checkpoint(path)
     if latest is not None:
         return latest
@@ -339,13 +342,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", backend: st
     """(model, tokenizer or None, config dict) from a checkpoint, float or quantized.
 
     path: a checkpoint folder, a training run's out_dir (its newest complete checkpoint), a
-    Hugging Face model folder (minillm.weights.huggingface.load_hf_folder) or a llama GGUF file
-    (minillm.weights.gguf_llama.load_gguf).
+    Hugging Face model folder (minillm.weights.huggingface.load_hf_folder), a llama GGUF file
+    (minillm.weights.gguf_llama.load_gguf), or the name of a pulled model (minillm.weights.pull).
     config_overrides: fields that do not alter the weights, e.g. attention="sdpa".
     backend (quantized models only): the matmul of the quantized layers; None picks "triton" on
     CUDA with triton installed, "reference" otherwise.
     """
     from minillm.weights.huggingface import is_hf_folder, load_hf_folder
+    from minillm.weights.pull import resolve
+
+    path = resolve(path)
 
     if is_hf_folder(path):  # a downloaded Hugging Face folder (Llama, Qwen2, Mistral, GPT-2, BERT)
         try:
