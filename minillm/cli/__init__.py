@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+from contextlib import contextmanager
+
+from minillm.cli.options import check_finite_options, describe_os_error
 
 
 # One module per command (train and eval share one), in pipeline order. Each has `add_parser(sub)`,
@@ -25,6 +29,7 @@ COMMAND_MODULES: list[str] = [
     "minillm.cli.finetune",
     "minillm.cli.checkpoints",
     "minillm.cli.generate",
+    "minillm.cli.chat",
     "minillm.cli.translate",
     "minillm.cli.quantize",
     "minillm.cli.prune",
@@ -59,14 +64,48 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognised arguments: {' '.join(stray)} (options are --key=value)")
     try:
-        return args.func(args, overrides) or 0
+        check_finite_options(args)
+        with sigterm_as_interrupt(args.command != "serve"):  # (the server handles its own signals)
+            return args.func(args, overrides) or 0
     except (ValueError, FileNotFoundError, ImportError) as e:
         # bad input, a missing file, or an optional extra not installed: the message says what to do
         print(f"minillm {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (`train` says more itself)
-        print(f"minillm {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:  # the disk filled up, permission denied, ...: what and where, in one line
+        print(f"minillm {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except RecursionError:  # a data file nested deeper than Python's parser goes
+        print(f"minillm {args.command}: error: input nested too deeply to read (a JSON file thousands of "
+              "levels deep?)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, not a traceback (`train` says more itself)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"minillm {args.command}: interrupted{' by SIGTERM' if signum == signal.SIGTERM else ''}",
+              file=sys.stderr)
+        return 128 + signum
+
+
+@contextmanager
+def sigterm_as_interrupt(enabled: bool = True):
+    """While the command runs, SIGTERM raises train.config.Terminated (a KeyboardInterrupt): what
+    `docker stop`, Kubernetes and batch schedulers send then stops a run as Ctrl-C does, with the
+    same one line and a checkpoint named. The previous handler comes back afterwards."""
+    from minillm.train.config import Terminated
+
+    def on_sigterm(signum, frame):
+        raise Terminated(signum)
+
+    installed, previous = False, None
+    if enabled:
+        try:
+            previous, installed = signal.signal(signal.SIGTERM, on_sigterm), True
+        except ValueError:  # not the main thread (an embedding program): leave signals alone
+            pass
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

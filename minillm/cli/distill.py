@@ -29,7 +29,7 @@ def cmd_distill(args, overrides: list[str]) -> int:
     print(f"distilled {args.teacher} ({pt:,} parameters) -> {args.out_dir} ({ps:,}, {ps / pt:.2f}x): "
           f"{args.max_iters} steps, alpha={args.alpha}, temperature={args.temperature}"
           f"{f', top-{args.topk} teacher logits' if args.topk else ''}, {device}")
-    print(f"val loss: teacher {vt:.4f}, student {vs:.4f}   ({r['data']})")
+    print(f"val loss: teacher {vt:.4f}, student {vs:.4f}   ({r['eval_batches']})")
     print(f"use it like any checkpoint: minillm generate {args.out_dir} | minillm eval {args.out_dir}")
     return 0
 

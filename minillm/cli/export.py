@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from minillm.weights.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
+from minillm.weights.checkpoint import TOKENIZER_FILE, check_finite_forward, find_checkpoint, load_model
 from minillm.model.config import ModelConfig, split_overrides
 from minillm.serve.export import EXPORTERS, compare_with_onnxruntime, export_onnx
 
@@ -23,6 +23,7 @@ def cmd_export(args, overrides: list[str]) -> int:
         raise ValueError("--attention=triton cannot be exported to ONNX; use naive or sdpa")
     folder = find_checkpoint(args.checkpoint)  # a checkpoint folder, or a run's newest complete one
     model, tokenizer, meta = load_model(folder, device="cpu", **changes)
+    check_finite_forward(model, folder)
     info = export_onnx(model, args.onnx, exporter=args.exporter, opset=args.opset,
                        metadata={"minillm.config": json.dumps(model.cfg.to_dict()),
                                  "minillm.weights.checkpoint": str(Path(args.checkpoint).resolve())})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from minillm.weights.checkpoint import load_model
+from minillm.weights.checkpoint import check_finite_forward, find_checkpoint, load_model
 from minillm.files import write_json
 from minillm.finetune.config import FinetuneConfig
 from minillm.hardware import resolve_device
@@ -26,6 +26,7 @@ def cmd_finetune(args, overrides: list[str]) -> int:
     cfg = FinetuneConfig(**changes)
     device = resolve_device(cfg.device)
     lm, tokenizer, meta = load_model(args.checkpoint, device)
+    check_finite_forward(lm, find_checkpoint(args.checkpoint))
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json: fine-tuning needs the tokenizer the model was "
                          "trained with")
@@ -35,6 +36,10 @@ def cmd_finetune(args, overrides: list[str]) -> int:
                          + "fine-tune the float checkpoint, then quantize the result")
     if "classifier" in meta:
         raise ValueError(f"{args.checkpoint} is already a fine-tuned classifier; start from its base model")
+    if cfg.lora_rank:  # before any data is read: a rank the layers cannot hold is a typo, said at once
+        from minillm.finetune.lora import check_rank
+
+        check_rank(lm, cfg.lora_rank, cfg.targets)
     try:
         if cfg.task == "classify":
             from minillm.finetune.classify import finetune_classifier
@@ -44,10 +49,10 @@ def cmd_finetune(args, overrides: list[str]) -> int:
             from minillm.finetune.instruct import finetune_instruct
 
             r = finetune_instruct(lm, tokenizer, cfg, base=str(args.checkpoint), device=device)
-    except TrainingInterrupted as e:
-        kept = f"step {e.checkpoint_step} is saved in {e.out_dir}" if e.checkpoint_step else "no checkpoint was saved yet"
-        print(f"minillm finetune: interrupted at step {e.step}; {kept}")
-        return 130
+    except TrainingInterrupted as e:  # Ctrl-C or SIGTERM: one line, the checkpoint that survives
+        from minillm.cli.train import report_interrupted
+
+        return report_interrupted("finetune", e)
     p = r["params"]
     print(f"done: {cfg.max_iters} steps ({cfg.mode}), {p['trainable']:,} of {p['total']:,} parameters trained "
           f"({p['trainable'] / p['total']:.2%}), {r['ms_per_step']:.0f} ms/step on {device}")

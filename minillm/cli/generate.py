@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.weights.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
+from minillm.weights.checkpoint import TOKENIZER_FILE, check_finite_forward, find_checkpoint, load_model
 from minillm.finetune.instruct import format_prompt
 from minillm.generate.sampling import generate_text
 from minillm.hardware import resolve_device, resolve_dtype
@@ -32,6 +32,7 @@ def cmd_generate(args, overrides: list[str]) -> int:
     dtype = resolve_dtype(args.dtype, device, allow_cpu_half=True)
     folder = find_checkpoint(args.out_dir)  # a checkpoint folder, or a run's newest complete one
     model, tok, meta = load_model(folder, device=device, **model_changes)
+    check_finite_forward(model, folder)
     if "seq2seq" in meta:
         raise ValueError(f"{folder} is an encoder–decoder (translation) model; use `minillm translate {args.out_dir} "
                          "\"...\"`")

@@ -25,7 +25,8 @@ def cmd_prune(args, overrides: list[str]) -> int:
     device = resolve_device(args.device or "auto")
     r = prune_checkpoint(args.checkpoint, args.out, args.method, args.sparsity, args.finetune_iters, args.schedule,
                          args.importance, args.data, args.val_fraction, args.eval_iters, device, args.seed,
-                         learning_rate=args.learning_rate, batch_size=args.batch_size)
+                         learning_rate=args.learning_rate, batch_size=args.batch_size,
+                         eval_batch_size=args.eval_batch_size)
     p = r["params"]
     print(f"pruned {args.checkpoint} -> {args.out}: {r['method']} at {r['sparsity']:.0%}, "
           f"{r['finetune_iters']} fine-tune steps ({r['schedule']}), {device}")
@@ -34,7 +35,7 @@ def cmd_prune(args, overrides: list[str]) -> int:
     print(f"{'block weights zero':22}{'':>12}{r['weight_sparsity']:12.1%}")
     if "val_ppl" in r:
         v = r["val_ppl"]
-        print(f"{'val perplexity':22}{v[0]:12.4f}{v[1]:12.4f}{100 * (v[1] / v[0] - 1):+9.2f}%   ({r['data']})")
+        print(f"{'val perplexity':22}{v[0]:12.4f}{v[1]:12.4f}{100 * (v[1] / v[0] - 1):+9.2f}%   ({r['eval_batches']})")
     print(f"use it like any checkpoint: minillm generate {args.out} | minillm eval {args.out} | "
           f"minillm compress report {args.checkpoint} {args.out}")
     return 0
@@ -65,7 +66,10 @@ def add_parser(sub) -> None:
     p.add_argument("--val_fraction", type=float, default=0.1, help="last share of the text used as validation")
     p.add_argument("--learning_rate", type=float, default=3e-4, help="fine-tune peak learning rate")
     p.add_argument("--batch_size", type=int, default=12, help="fine-tune batch size")
-    p.add_argument("--eval_iters", type=int, default=20, help="validation batches per perplexity")
+    p.add_argument("--eval_iters", type=int, default=None, help="validation batches per perplexity (default: "
+                   "the checkpoint's eval_iters, the batches minillm eval scores)")
+    p.add_argument("--eval_batch_size", type=int, default=None, help="validation batch size (default: the "
+                   "checkpoint's batch_size, as minillm eval)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the batches")
     p.set_defaults(func=cmd_prune)

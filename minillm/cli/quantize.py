@@ -36,7 +36,7 @@ def cmd_quantize(args, overrides: list[str]) -> int:
     if "val_ppl" in r:
         p = r["val_ppl"]
         print(f"{'val perplexity':22}{p[0]:12.4f}{p[1]:12.4f}{100 * (p[1] / p[0] - 1):+9.2f}%"
-              f"   ({r['data']}, {args.eval_iters} batches of {args.batch_size})")
+              f"   ({r['eval_batches']}, seed {r['eval_seed']})")
     else:
         print(f"perplexity: skipped ({r['val_ppl_skipped']})")
     if "tokens_per_s" in r:
@@ -71,8 +71,11 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="matmul of the quantized layers (default: triton on CUDA, reference elsewhere)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--eval_iters", type=int, default=20, help="validation batches per perplexity")
-    p.add_argument("--batch_size", type=int, default=8, help="validation batch size")
+    p.add_argument("--eval_iters", type=int, default=None,
+                   help="validation batches per perplexity (default: the checkpoint's eval_iters, as minillm eval)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="validation batch size (default: the checkpoint's batch_size, as minillm eval)")
     p.add_argument("--gen_tokens", type=int, default=100, help="tokens generated for the speed check (0: skip)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the validation batches")
+    p.add_argument("--seed", type=int, default=None, help="seed of the validation batches (default: the "
+                   "checkpoint's seed + 1, so the perplexity is the one minillm eval prints)")
     p.set_defaults(func=cmd_quantize)

@@ -21,11 +21,12 @@ import torch
 from minillm.cli.translate import add_beam_options, check_beam_options
 from minillm.model.config import PRESETS, ModelConfig, split_overrides
 from minillm.model.seq2seq import Seq2SeqConfig
-from minillm.weights.checkpoint import CONFIG_FILE, TOKENIZER_FILE, find_checkpoint, load_model
+from minillm.weights.checkpoint import CONFIG_FILE, TOKENIZER_FILE, check_finite_forward, find_checkpoint, load_model
 from minillm.data.dataset import load_text, prepare_dataset, split_text
 from minillm.generate.sampling import generate_text
 from minillm.hardware import resolve_device
 from minillm.train import RECIPES, TrainConfig, TrainingDiverged, TrainingInterrupted, evaluate, train
+from minillm.train.evaluate import describe_batches
 from minillm.train.seq2seq import SEQ2SEQ_OPTIONS, train_seq2seq
 from minillm.train.state import resume_configs, saved_train_config
 
@@ -84,14 +85,7 @@ def cmd_train(args, overrides: list[str]) -> int:
         print(f"minillm train: {e}", file=sys.stderr)
         return 1
     except TrainingInterrupted as e:
-        if e.step is None:
-            print("minillm train: interrupted before training started; nothing was written", file=sys.stderr)
-        else:
-            kept = (f"last checkpoint at step {e.checkpoint_step} in {e.out_dir}" if e.checkpoint_step is not None
-                    else "no checkpoint was written yet")
-            print(f"minillm train: stopped at step {e.step}; {kept}; continue with: minillm train --resume=true "
-                  f"--out_dir={e.out_dir}", file=sys.stderr)
-        return 130  # 128 + SIGINT, as shells report a Ctrl-C
+        return report_interrupted("train", e)
     if result["rank"] != 0:  # under torchrun, process 0 reports and samples
         return 0
     if result.get("already_done"):
@@ -112,6 +106,27 @@ def cmd_train(args, overrides: list[str]) -> int:
     return 0
 
 
+def report_interrupted(command: str, e: TrainingInterrupted, resume_with: str = "") -> int:
+    """One line on stderr for a run stopped by Ctrl-C or SIGTERM: the step, the checkpoint that
+    survives, and the command that continues it (or, with no checkpoint yet, that starts it again).
+    Returns 128 + the signal's number, as a shell reports a process ended by it (130, 143)."""
+    signal_name = {2: "", 15: " by SIGTERM"}.get(e.signum, f" by signal {e.signum}")
+    if e.step is None:
+        print(f"minillm {command}: interrupted{signal_name} before training started; nothing was written",
+              file=sys.stderr)
+    elif e.checkpoint_step is None:  # the first save had not completed: nothing to resume from
+        again = ("minillm train --overwrite=true" if command == "train" else f"minillm {command} ... --overwrite=true")
+        print(f"minillm {command}: stopped at step {e.step}{signal_name}; no checkpoint was written yet, so there "
+              f"is nothing to resume; start again with: {again} --out_dir={e.out_dir}", file=sys.stderr)
+    else:
+        cont = (f"minillm train {resume_with}--resume=true --out_dir={e.out_dir}" if command == "train"
+                else f"minillm generate|eval {e.out_dir}")
+        verb = "continue with" if command == "train" else "use it with"
+        print(f"minillm {command}: stopped at step {e.step}{signal_name}; last checkpoint at step "
+              f"{e.checkpoint_step} in {e.out_dir}; {verb}: {cont}", file=sys.stderr)
+    return 128 + e.signum
+
+
 def _train_seq2seq(model_cfg, train_cfg, data: str, show_examples: bool, seq2seq_changes: dict) -> int:
     from minillm.generate.beam import translate
 
@@ -120,6 +135,8 @@ def _train_seq2seq(model_cfg, train_cfg, data: str, show_examples: bool, seq2seq
     except TrainingDiverged as e:
         print(f"minillm train: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        return report_interrupted("train", e, "--objective=seq2seq ")
     out = result["out_dir"]
     if result.get("already_done"):
         print(f"{out} is already trained to step {result['step']} (max_iters={train_cfg.max_iters}): "
@@ -147,9 +164,15 @@ def _encodable(tok, text: str) -> bool:
 def cmd_eval(args, overrides: list[str]) -> int:
     """Validation loss and perplexity (masked-token accuracy for an MLM) of a checkpoint."""
     train_changes, model_changes = split_overrides(overrides, TrainConfig, ModelConfig)
+    if args.metric is not None:  # '' is not "the default": say so, before anything is loaded
+        from minillm.evaluate.translation import parse_metrics
+
+        parse_metrics(args.metric)
+    check_beam_options(args)
     device = resolve_device(train_changes.pop("device", "auto"))
     folder = find_checkpoint(args.out_dir)
     model, tok, meta = load_model(folder, device=device, **model_changes)
+    check_finite_forward(model, folder)
     if tok is None:
         raise FileNotFoundError(f"{folder / TOKENIZER_FILE}: missing, so evaluation text cannot be encoded")
     if "seq2seq" in meta or args.metric is not None:
@@ -169,12 +192,12 @@ def cmd_eval(args, overrides: list[str]) -> int:
     objective = "clm" if model.cfg.causal else ("mlm+nsp" if model.cfg.nsp_head else "mlm")
     r = evaluate(model, tokens, tc.batch_size, model.cfg.block_size, tc.eval_iters, device,
                  torch.Generator().manual_seed(tc.seed + 1), tok, objective)
-    n_tok = tc.eval_iters * tc.batch_size * model.cfg.block_size
     acc = f", masked-token accuracy {r['acc']:.1%}" if "acc" in r else ""
     if "nsp_acc" in r:
         acc += f", next-sentence accuracy {r['nsp_acc']:.1%} (MLM loss {r['mlm_loss']:.4f} + NSP loss {r['nsp_loss']:.4f})"
     print(f"{args.split} loss {r['loss']:.4f}, perplexity {r['ppl']:.2f}{acc} "
-          f"({tc.eval_iters} batches, {n_tok:,} tokens of {source}; step {meta.get('step', '?')}, "
+          f"({describe_batches(tc.eval_iters, tc.batch_size, model.cfg.block_size, f'{source} {args.split}')}, "
+          f"seed {tc.seed + 1}; step {meta.get('step', '?')}, "
           f"{math.log(tok.vocab_size):.2f} = uniform guess)")
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from minillm.generate.beam import LENGTH_PENALTY_STYLES, translate
 from minillm.hardware import resolve_device
-from minillm.weights.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
+from minillm.weights.checkpoint import TOKENIZER_FILE, check_finite_forward, find_checkpoint, load_model
 
 
 def cmd_translate(args, overrides: list[str]) -> int:
@@ -19,6 +19,7 @@ def cmd_translate(args, overrides: list[str]) -> int:
     check_beam_options(args)
     folder = find_checkpoint(args.checkpoint)
     model, tok, meta = load_model(folder, device=resolve_device(args.device))
+    check_finite_forward(model, folder)
     if "seq2seq" not in meta:
         raise ValueError(f"{folder} is a language model, not a translation model; use `minillm generate`, or "
                          "train one with `minillm train --objective=seq2seq`")
@@ -31,11 +32,16 @@ def cmd_translate(args, overrides: list[str]) -> int:
 
 
 def check_beam_options(args) -> None:
-    """--beam, --length_penalty and --length_penalty_style, checked before any checkpoint is read."""
+    """--beam, --length_penalty, --length_penalty_style (and --max_new_tokens, --max_sentences where the
+    command has them), checked before any checkpoint is read. (A NaN is refused by minillm.cli.main.)"""
     if args.beam < 1:
         raise ValueError(f"--beam must be >= 1 (1 = greedy), got {args.beam}")
     if args.length_penalty < 0:
         raise ValueError(f"--length_penalty must be >= 0, got {args.length_penalty}")
+    if getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if getattr(args, "max_sentences", None) is not None and args.max_sentences < 1:
+        raise ValueError(f"--max_sentences must be >= 1, got {args.max_sentences}")
     if args.length_penalty_style not in LENGTH_PENALTY_STYLES:
         raise ValueError(f"--length_penalty_style must be gnmt (((5+|Y|)/6)^alpha) or hf (|Y|^alpha, as Hugging "
                          f"Face's generate), got {args.length_penalty_style!r}")

@@ -47,10 +47,10 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     student_logits (B, T, V); targets (B, T) with IGNORE_INDEX where nothing is predicted;
     teacher_logits (B, T, V), or (B, T, k) with `teacher_indices` (B, T, k) for a top-k teacher.
     """
-    if not 0.0 <= alpha <= 1.0:
+    if not 0.0 <= alpha <= 1.0:  # (False for NaN too)
         raise ValueError(f"alpha (the soft-loss weight) must be in [0, 1], got {alpha}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not temperature > 0 or temperature == float("inf"):  # (NaN fails every comparison: `<= 0` lets it through)
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     hard = cross_entropy(student_logits, targets)
     keep = (targets != IGNORE_INDEX).reshape(-1)  # (N,) positions that count
     zs = student_logits.float().reshape(-1, student_logits.shape[-1])[keep] / temperature  # (n, V)
@@ -93,7 +93,7 @@ def teacher_logits(teacher, x: torch.Tensor) -> torch.Tensor:
 
 def load_teacher(path: str | Path, device="cpu"):
     """(model, tokenizer or None) from a minillm checkpoint or a Hugging Face GPT-2/BERT folder."""
-    from minillm.weights.checkpoint import load_model
+    from minillm.weights.checkpoint import check_finite_forward, find_checkpoint, load_model
 
     path = Path(path)
     hf = None
@@ -108,8 +108,15 @@ def load_teacher(path: str | Path, device="cpu"):
         if hf["model_type"] not in ("gpt2", "bert"):
             raise ValueError(f"{path}: a Hugging Face {hf['model_type']!r} model; teachers can be gpt2 or bert")
         model = load_gpt2(path) if hf["model_type"] == "gpt2" else load_bert(path)
+        check_finite_forward(model, path)
         return model.to(device).eval(), None
-    model, tokenizer, _ = load_model(path, device=device)
+    model, tokenizer, meta = load_model(path, device=device)
+    kind = "an encoder–decoder (Seq2Seq)" if "seq2seq" in meta else \
+        "a fine-tuned classifier" if "classifier" in meta else None
+    if kind is not None:  # its logits are not next-token (or masked-token) distributions over the text
+        raise ValueError(f"{path} is {kind}; a teacher is a language model (causal or masked), whose "
+                         "token distributions the student learns")
+    check_finite_forward(model, find_checkpoint(path))
     return model, tokenizer
 
 

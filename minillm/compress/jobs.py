@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
-from minillm.weights.checkpoint import load_model, read_config, save_model
+from minillm.weights.checkpoint import (check_finite_forward, check_output_folder, find_checkpoint, load_model,
+                                        read_config, save_model)
 from minillm.compress import prune as P
 from minillm.compress.distill import check_compatible, distill, load_teacher
 from minillm.compress.quantize import recorded_data_source
 from minillm.model.config import ModelConfig
 from minillm.model.transformer import build_model, count_parameters
+from minillm.train.evaluate import checkpoint_eval_batches, describe_batches
 from minillm.train.fit import batches, finetune, text_tokens, val_loss
 
 
@@ -102,12 +104,17 @@ def prune_model(model, method: str, sparsity: float | None, train_tokens=None, f
 
 def prune_checkpoint(checkpoint, out, method: str, sparsity: float | None = None, finetune_iters: int = 0,
                      schedule: str = "oneshot", importance: str = "magnitude", data: str | None = None,
-                     val_fraction: float = 0.1, eval_iters: int = 20, device="cpu", seed: int = 1337,
-                     **finetune_kwargs) -> dict:
-    """Prune `checkpoint` into `out` (a new checkpoint); returns the record stored in its config.json."""
+                     val_fraction: float = 0.1, eval_iters: int | None = None, device="cpu", seed: int = 1337,
+                     eval_batch_size: int | None = None, **finetune_kwargs) -> dict:
+    """Prune `checkpoint` into `out` (a new checkpoint); returns the record stored in its config.json.
+
+    The perplexities before and after are on the checkpoint's own validation batches (those `minillm
+    eval` scores; eval_iters and eval_batch_size replace its recorded numbers); `seed` draws the fine-tune's."""
     if Path(out).resolve() == Path(checkpoint).resolve():
         raise ValueError("the output folder must differ from the input checkpoint")
+    check_output_folder(out, "--out")
     model, tokenizer, meta = load_model(checkpoint, device=device)
+    check_finite_forward(model, find_checkpoint(checkpoint))
     if "quantization" in meta:
         raise ValueError(f"{checkpoint} is quantized ({meta['quantization'].get('scheme')}): prune the float "
                          "checkpoint it came from, then quantize the pruned one")
@@ -115,12 +122,16 @@ def prune_checkpoint(checkpoint, out, method: str, sparsity: float | None = None
     source, train, val = _tokens(meta, tokenizer, data, val_fraction) if (needs_data or data or
                                                                          recorded_data_source(meta)) else (None,) * 3
     obj = dict(objective=_objective(model), tokenizer=tokenizer)
-    ppl_before = val_loss(model, val, iters=eval_iters, device=device, seed=seed, **obj)["ppl"] if val is not None else None
+    ev = checkpoint_eval_batches(meta, eval_batch_size, eval_iters)
+    ev = dict(batch_size=ev["batch_size"], iters=ev["iters"], seed=ev["seed"], device=device, **obj)
+    ppl_before = val_loss(model, val, **ev)["ppl"] if val is not None else None
     pruned, record = prune_model(model, method, sparsity, train, finetune_iters, schedule, importance, tokenizer,
                                  device, seed, **finetune_kwargs)
     if val is not None:
-        record.update(data=source, val_ppl=[ppl_before, val_loss(pruned, val, iters=eval_iters, device=device,
-                                                                 seed=seed, **obj)["ppl"]])
+        T = min(model.cfg.block_size, len(val) - 1)  # (val_loss's window)
+        record.update(data=source, val_ppl=[ppl_before, val_loss(pruned, val, **ev)["ppl"]],
+                      eval_batches=describe_batches(ev["iters"], ev["batch_size"], T, f"{source} val") +
+                      f", seed {ev['seed']}")
     keep = {k: v for k, v in meta.items() if k not in ("model", "quantization", "pruning")}
     save_model(out, pruned, tokenizer, **keep, pruning=record, pruned_from=str(checkpoint))
     return record
@@ -133,6 +144,7 @@ def distill_checkpoint(teacher_path, out_dir, student_cfg: ModelConfig, iters: i
     """Train a new `student_cfg` model from the teacher at `teacher_path` into `out_dir`; returns the record.
 
     tokenizer: the student's (default: the teacher's own; required for a Hugging Face teacher)."""
+    check_output_folder(out_dir)
     teacher, t_tok = load_teacher(teacher_path, device)
     tokenizer = tokenizer or t_tok
     if tokenizer is None:
@@ -154,6 +166,8 @@ def distill_checkpoint(teacher_path, out_dir, student_cfg: ModelConfig, iters: i
               "iters": iters, "data": source, "params": [count_parameters(teacher), count_parameters(student)],
               "val_loss": [val_loss(m, val, iters=eval_iters, device=device, seed=seed, **obj)["loss"]
                            for m in (teacher, student)],
+              "eval_batches": describe_batches(eval_iters, 8, min(student_cfg.block_size, len(val) - 1),
+                                               f"{source} val") + f", seed {seed}",
               "final_train_loss": result["losses"][-1] if result["losses"] else None}
     save_model(out_dir, student, tokenizer, data=source, distillation=record)
     return record

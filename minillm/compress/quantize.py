@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minillm.weights.checkpoint import (CONFIG_FILE, MODEL_FILE, find_checkpoint, load_model, read_config, save_model,
-                                write_manifest)
+from minillm.weights.checkpoint import (CONFIG_FILE, MODEL_FILE, check_finite_forward, check_output_folder,
+                                        find_checkpoint, load_model, read_config, save_model, write_manifest)
 from minillm.compress.quant import GROUP_SIZES, quantize_model, weight_bytes
 from minillm.files import write_json
+from minillm.train.evaluate import checkpoint_eval_batches, describe_batches
 
 
 def recorded_data_source(meta: dict) -> str | None:
@@ -43,6 +44,15 @@ def val_tokens(source: str, tokenizer, val_fraction: float = 0.1) -> np.ndarray:
 
     _, val_text = split_text(load_text(source), val_fraction)
     return np.asarray(tokenizer.encode(val_text), dtype=np.int64)
+
+
+def model_file_bytes(folder: Path) -> int:
+    """Bytes of the model's weight files in `folder`: model.safetensors, or a Hugging Face folder's
+    shards (model-00001-of-00002.safetensors, ...). Not train_state.safetensors: the optimizer's
+    moments are twice the weights, and counting them would make every ratio look 3x better."""
+    if (folder / MODEL_FILE).is_file():
+        return (folder / MODEL_FILE).stat().st_size
+    return sum(f.stat().st_size for f in folder.glob("model*.safetensors"))
 
 
 def perplexity(model, tokens, batch_size: int, block_size: int, iters: int, device, seed: int) -> float:
@@ -69,18 +79,23 @@ def greedy_tokens_per_s(model, prompt: torch.Tensor, n: int) -> tuple[float, tor
 def quantize_checkpoint(checkpoint: str | Path, out: str | Path, scheme: str = "int8", group_size: int = 64,
                         include_embeddings: bool = False, include_head: bool = False, backend: str | None = None,
                         device: str | torch.device = "cpu", data: str | None = None, val_fraction: float = 0.1,
-                        eval_iters: int = 20, batch_size: int = 8, gen_tokens: int = 100,
-                        seed: int = 1337) -> dict:
-    """Quantize `checkpoint` into `out` and return the before/after report (also stored in its config)."""
+                        eval_iters: int | None = None, batch_size: int | None = None, gen_tokens: int = 100,
+                        seed: int | None = None) -> dict:
+    """Quantize `checkpoint` into `out` and return the before/after report (also stored in its config).
+
+    eval_iters, batch_size, seed: the validation batches; None = the checkpoint's own (the batches
+    `minillm eval` and training's evaluations score, train.evaluate.checkpoint_eval_batches)."""
     if Path(out).resolve() == Path(checkpoint).resolve():
         raise ValueError("the output folder must differ from the input checkpoint (it would overwrite the "
                          "float weights)")
     if scheme == "int4" and group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+    check_output_folder(out, "--out")
     folder = find_checkpoint(checkpoint)  # a checkpoint folder, or a run's newest complete one
     if Path(out).resolve() == folder.resolve():
         raise ValueError(f"the output folder must differ from the input checkpoint {folder}")
     model, tokenizer, meta = load_model(folder, device=device)
+    check_finite_forward(model, folder)
     if "quantization" in meta:
         raise ValueError(f"{folder / CONFIG_FILE}: already quantized ({meta['quantization'].get('scheme')}); "
                          "quantize the float checkpoint it came from")
@@ -90,7 +105,9 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, scheme: str = "
               "device": str(device),
               "backend": sorted({m.backend for m in qmodel.modules() if hasattr(m, "backend")}),
               "bytes": [weight_bytes(model), weight_bytes(qmodel)],
-              "eval_iters": eval_iters, "batch_size": batch_size, "gen_tokens": gen_tokens}
+              "gen_tokens": gen_tokens}
+    ev = checkpoint_eval_batches(meta, batch_size, eval_iters, seed)
+    report.update(eval_iters=ev["iters"], batch_size=ev["batch_size"], eval_seed=ev["seed"])
 
     # Measure first, write last: a failure here (a missing --data file, say) leaves no half-made output.
     source = data or recorded_data_source(meta)
@@ -101,7 +118,10 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, scheme: str = "
         tokens = val_tokens(source, tokenizer, val_fraction)
         T = min(model.cfg.block_size, len(tokens) - 1)
         report["data"] = source
-        report["val_ppl"] = [perplexity(m, tokens, batch_size, T, eval_iters, device, seed) for m in (model, qmodel)]
+        report["eval_tokens"] = ev["iters"] * ev["batch_size"] * T
+        report["eval_batches"] = describe_batches(ev["iters"], ev["batch_size"], T, f"{source} val")
+        report["val_ppl"] = [perplexity(m, tokens, ev["batch_size"], T, ev["iters"], device, ev["seed"])
+                             for m in (model, qmodel)]
     if not all(map(math.isfinite, report.get("val_ppl", []))):
         report["val_ppl_warning"] = "a perplexity is not finite"
     if gen_tokens > 0:
@@ -114,9 +134,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, scheme: str = "
     source_meta = {k: v for k, v in meta.items() if k not in ("model", "quantization", "quant_report")}
     out = save_model(out, qmodel, tokenizer, **source_meta, quantized_from=str(checkpoint))
     # the file sizes are known only now; config.json changes, so the manifest records it again
-    # the input may be a Hugging Face folder with sharded weights: count every safetensors file
-    report["file_bytes"] = [sum(f.stat().st_size for f in folder.glob("*.safetensors")),
-                            (out / MODEL_FILE).stat().st_size]
+    report["file_bytes"] = [model_file_bytes(folder), (out / MODEL_FILE).stat().st_size]
     write_json(out / CONFIG_FILE, {**read_config(out), "quant_report": report})
     write_manifest(out)
     return report

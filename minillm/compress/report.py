@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.weights.checkpoint import MODEL_FILE, find_checkpoint, load_model
+from minillm.weights.checkpoint import MODEL_FILE, check_finite_forward, find_checkpoint, load_model
 from minillm.compress.quant import QuantLinear
 from minillm.compress.quantize import recorded_data_source
 from minillm.generate.sampling import generate
@@ -78,6 +78,7 @@ def measure(checkpoints, data: str | None = None, batch_sizes=(1, 16), gen_token
     rows, models, val, tok0 = [], [], None, None
     for path in checkpoints:
         model, tok, meta = load_model(path, device=device)
+        check_finite_forward(model, path)
         if tok is None:
             raise ValueError(f"{path} has no tokenizer.json: cannot encode the validation text")
         if tok0 is None:

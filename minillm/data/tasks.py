@@ -78,6 +78,8 @@ def _rows(path: Path) -> tuple[list[str], list[dict]]:
     except json.JSONDecodeError as e:  # in a .jsonl file, e.lineno counts within the one line
         raise ValueError(f"{path}: not valid JSON at line {i + 1 if path.suffix == '.jsonl' else e.lineno} "
                          f"({e.msg})") from None
+    except RecursionError:  # [[[[...]]]] thousands deep: Python's parser recurses once per level
+        raise ValueError(f"{path}: JSON nested too deeply to read (a record is an object of strings)") from None
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of objects, got a {type(rows).__name__}")
     for i, row in enumerate(rows):
@@ -126,6 +128,9 @@ def _int_like(value) -> bool:
         isinstance(value, str) and value.strip().isascii() and value.strip().isdigit())
 
 
+MAX_LABEL_ID = 9_999  # integer labels are class ids: at most 10,000 classes (one head row per class)
+
+
 def encode_labels(raw_labels: list, labels: list[str] | None = None,
                   where: str = "labels") -> tuple[list[int], list[str]]:
     """Label ids and the names they stand for.
@@ -145,6 +150,14 @@ def encode_labels(raw_labels: list, labels: list[str] | None = None,
         if isinstance(value, int) and value < 0:
             raise ValueError(f"{where}: row {i}: label {value} is negative; ids count from 0 (or use names)")
     int_ids = all(_int_like(v) for v in raw_labels)
+    if int_ids:  # ids 0..max become max+1 classes: an id of 10**30 would build a list that long
+        for i, value in enumerate(raw_labels, start=1):
+            digits = str(value).strip()
+            if len(digits.lstrip("0")) > len(str(MAX_LABEL_ID)) or int(digits) > MAX_LABEL_ID:
+                shown = digits if len(digits) <= 24 else f"{digits[:10]}...({len(digits)} digits)"
+                raise ValueError(f"{where}: row {i}: label id {shown} is above {MAX_LABEL_ID:,}; integer labels "
+                                 f"are class ids 0..N-1 (at most {MAX_LABEL_ID + 1:,} classes): renumber them, "
+                                 "or write the labels as names")
     names = [str(int(v)) if int_ids else str(v).strip() for v in raw_labels]
     if labels is None:
         labels = ([str(i) for i in range(max(map(int, names)) + 1)] if int_ids and names

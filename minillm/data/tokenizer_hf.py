@@ -31,9 +31,12 @@ class HFTokenizer:
         except ImportError:
             raise ImportError("a Hugging Face tokenizer.json needs the tokenizers package: "
                               "pip install tokenizers (it comes with transformers)") from None
+        added = _check_tokenizer_json(tokenizer_json)
+        try:
+            self._tok = Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # the Rust library raises plain Exceptions; the first line says what it wanted
+            raise ValueError(f"the tokenizers library cannot read it ({str(e).splitlines()[0][:200]})") from None
         self._json = tokenizer_json
-        self._tok = Tokenizer.from_str(tokenizer_json)
-        added = json.loads(tokenizer_json).get("added_tokens", [])
         self.special_tokens = {t["content"]: t["id"] for t in added if t.get("special")}
         # from tokenizer_config.json: the model's own chat template (chat_template.py) and the
         # special tokens it refers to; None for a base model
@@ -77,8 +80,34 @@ def load_hf_tokenizer(folder: str | Path) -> HFTokenizer:
         raise FileNotFoundError(f"no tokenizer.json in {folder}: a Hugging Face model folder has one")
     template = template_from_hf_folder(path.parent)
     specials = _special_token_strings(path.parent / "tokenizer_config.json")
-    return HFTokenizer(path.read_text(encoding="utf-8"), template, specials.get("bos_token"),
-                       specials.get("eos_token"))
+    try:
+        return HFTokenizer(path.read_text(encoding="utf-8"), template, specials.get("bos_token"),
+                           specials.get("eos_token"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except ValueError as e:  # what is wrong with it, named with the file
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _check_tokenizer_json(text: str) -> list[dict]:
+    """The "added_tokens" of a tokenizer.json, after checking it is the tokenizers library's format
+    (an object with a "model"); ValueError saying what is wrong (the caller names the file)."""
+    if not text.strip():
+        raise ValueError("empty file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ValueError("not a Hugging Face tokenizer.json: expected an object with a \"model\" object")
+    added = data.get("added_tokens") or []
+    ok = isinstance(added, list) and all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                         and isinstance(t.get("id"), int) for t in added)
+    if not ok:
+        raise ValueError("\"added_tokens\" should be a list of objects with an \"id\" and a \"content\"")
+    return added
 
 
 def _special_token_strings(config: Path) -> dict[str, str]:

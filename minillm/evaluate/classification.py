@@ -75,7 +75,20 @@ def classification_report(y_true, y_pred, labels: list[str]) -> dict:
     macro = {k: sum(r[k] for r in rows) / len(labels) for k in keys}
     weighted = {k: sum(r[k] * r["support"] for r in rows) / n for k in keys}
     return dict(accuracy=sum(M[c][c] for c in range(len(labels))) / n, n=n, labels=labels, per_class=per_class,
-                macro={**macro, "support": n}, weighted={**weighted, "support": n}, confusion_matrix=M)
+                macro={**macro, "support": n}, weighted={**weighted, "support": n}, confusion_matrix=M,
+                collapsed_to=collapsed_class(M, labels))
+
+
+def collapsed_class(M: list[list[int]], labels: list[str]) -> str | None:
+    """The one class every example was predicted as, when the true labels hold more than one; else None.
+
+    A classifier that has collapsed (a head that learned only the majority class, a fine-tune whose
+    learning rate was too high) scores the share of that class as its accuracy, which can look like a
+    weak but working model (48.6% on a balanced binary task). Its confusion matrix gives it away: a
+    single non-zero column."""
+    predicted = [c for c in range(len(labels)) if any(row[c] for row in M)]
+    true_classes = sum(1 for row in M if sum(row))
+    return labels[predicted[0]] if len(predicted) == 1 and true_classes > 1 else None
 
 
 def format_report(report: dict) -> str:
@@ -95,4 +108,8 @@ def format_report(report: dict) -> str:
               f"{'':<{w}} " + " ".join(f"{s:>{cw}}" for s in labels)]
     for name, row in zip(labels, report["confusion_matrix"]):
         lines.append(f"{name:<{w}} " + " ".join(f"{v:>{cw}d}" for v in row))
+    if report.get("collapsed_to") is not None:
+        lines += ["", f"warning: every one of the {report['n']} examples is predicted {report['collapsed_to']!r}: the "
+                  f"model collapsed to one class, and its accuracy ({report['accuracy']:.1%}) is only that class's "
+                  "share. Try a lower --learning_rate, more --max_iters, or --pooling=mean"]
     return "\n".join(lines)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from minillm.train.config import check_finite_fields
+
 TASKS = ("classify", "instruct")
 
 
@@ -56,6 +58,7 @@ class FinetuneConfig:
     cache_dir: str | None = None  # downloads (SST-2, the instruction set); None = ~/.cache/minillm
 
     def __post_init__(self):
+        check_finite_fields(self)
         if self.task not in TASKS:
             raise ValueError(f"FinetuneConfig.task must be one of {', '.join(TASKS)}, got {self.task!r}")
         for name in ("max_iters", "batch_size", "eval_interval", "max_eval_examples"):

@@ -107,6 +107,17 @@ def _as_targets(targets) -> tuple[str, ...]:
     return targets
 
 
+def check_rank(model: nn.Module, rank: int, targets) -> dict[str, nn.Module]:
+    """The layers `targets` names, after checking that a rank-`rank` update fits each of them: B·A has
+    rank at most min(in, out), so a larger rank adds parameters (and memory) without adding anything."""
+    chosen = _targeted(model, _as_targets(targets))
+    widest = min((min(m.in_features, m.out_features) for m in chosen.values()), default=rank)
+    if rank > widest:
+        raise ValueError(f"LoRA rank {rank} is larger than the adapted layers allow (min(in, out) = {widest}); "
+                         f"pick a rank <= {widest} (8 or 16 is typical)")
+    return chosen
+
+
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=("qkv", "proj"),
                dropout: float = 0.0) -> list[str]:
     """Freeze every parameter of `model`, then swap each nn.Linear whose name ends in one of `targets`
@@ -124,7 +135,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=("q
     _check_not_quantized(model)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("this model already has LoRA layers: merge_lora it first, or apply LoRA once")
-    chosen = _targeted(model, targets)
+    chosen = check_rank(model, rank, targets)
     model.requires_grad_(False)  # the base model is frozen; only the new A, B below will train
     for name in chosen:
         parent_name, _, child = name.rpartition(".")

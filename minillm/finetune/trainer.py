@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from minillm.weights.checkpoint import CHECKPOINTS_DIR, begin_checkpoint, prune_checkpoints, save_model, step_folders
+from minillm.weights.checkpoint import (CHECKPOINTS_DIR, begin_checkpoint, check_output_folder, prune_checkpoints,
+                                        save_model, step_folders)
 from minillm.files import write_bytes
 from minillm.finetune.config import FinetuneConfig
 from minillm.finetune.lora import apply_lora, merge_lora, save_adapter
@@ -61,6 +62,7 @@ def fresh_copy(lm: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def check_out_dir(cfg: FinetuneConfig) -> None:
     """A run never silently replaces another (as in training): overwrite=true says it may."""
+    check_output_folder(cfg.out_dir)
     held = step_folders(cfg.out_dir)
     if held and not cfg.overwrite:
         raise ValueError(f"{cfg.out_dir} already holds checkpoints up to step {held[0][0]}; pass --overwrite=true "
@@ -76,7 +78,11 @@ def save(model, cfg: FinetuneConfig, step: int, tokenizer, head: list[str], meta
     out = Path(cfg.out_dir)
     plain = merge_lora(copy.deepcopy(model)) if cfg.mode == "lora" else model
     folder = begin_checkpoint(out, step)
-    save_model(folder, plain, tokenizer, step=step, **meta)
+    try:
+        save_model(folder, plain, tokenizer, step=step, **meta)
+    except BaseException:  # a full disk, Ctrl-C: the half-written folder goes, the previous one stays
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     prune_checkpoints(out, keep=folder)
     if cfg.mode == "lora" and cfg.save_adapter:
         from safetensors.torch import save as st_save
@@ -135,9 +141,9 @@ def fit(model, cfg: FinetuneConfig, next_batch, evaluate, *, tokenizer, head: li
                             evaluate=evaluate_and_save, eval_interval=cfg.eval_interval, on_step=on_step)
         bar.close()
         log.plot(f"fine-tuning ({cfg.task}, {cfg.mode})")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM turned into one (train/config.py Terminated)
         bar.close()
-        raise TrainingInterrupted(step, checkpoint_step, cfg.out_dir) from None
+        raise TrainingInterrupted.from_interrupt(e, step, checkpoint_step, cfg.out_dir) from None
     finally:
         torch.random.set_rng_state(generator_state)
     return {"eval": last_eval, "ms_per_step": 1000 * train_s / max(cfg.max_iters, 1), "out_dir": str(out)}

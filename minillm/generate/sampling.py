@@ -252,7 +252,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tem
     """
     if isinstance(prompts, str):
         prompts = [prompts]
-    rows = [StopText(tokenizer, stop) for _ in prompts]  # checks the stop strings before any work
+    rows = [StopText(tokenizer, stop, context=p) for p in prompts]  # checks the stop strings before any work
     device = next(model.parameters()).device
     idx, mask = left_pad([tokenizer.encode(p) for p in prompts], device=device)
 

@@ -41,13 +41,20 @@ class StopText:
     `add(token)` records a token (None: no new token, e.g. an end-of-text token that is not shown)
     and re-decodes; `take()` returns the text that became final since the last take. `find` is the
     stop search (find_stop; the serving engine passes its module's own name for it, so a test can
-    make one row's text handling fail)."""
+    make one row's text handling fail).
 
-    def __init__(self, tokenizer, stops: str | list[str] | None = (), find: Callable[[str, list], int] = find_stop):
+    context: the text just before the row (its prompt). A stop string may begin there and end in the
+    generated text: an instruction template's prompt ends with "### Response:\n", so a model that
+    answers "###" has written the end marker "\n###" whose newline the prompt holds."""
+
+    def __init__(self, tokenizer, stops: str | list[str] | None = (), find: Callable[[str, list], int] = find_stop,
+                 context: str = ""):
         self.stops = [stops] if isinstance(stops, str) else list(stops or ())
         if any(s == "" for s in self.stops):
             raise ValueError("stop strings must be non-empty")
         self.tokenizer, self.find = tokenizer, find
+        longest = max(map(len, self.stops), default=1)
+        self.context = context[max(0, len(context) - longest + 1):] if longest > 1 else ""  # what a stop can reach
         self.ids: list[int] = []  # the row's generated token ids (what the model conditions on)
         self.text = ""  # their text, cut before a stop string
         self.stopped = False  # a stop string appeared: the row is over
@@ -57,7 +64,7 @@ class StopText:
         if token is not None:
             self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
-        cut = self.find(text, self.stops)
+        cut = 0 if self._begun_in_context(text) else self.find(text, self.stops)
         if cut >= 0:  # the row ends just before the stop string, which is never shown
             text, self.stopped = text[:cut], True
         self.text = text
@@ -66,7 +73,16 @@ class StopText:
         """The next piece of final text ('' if none): all of it once the row is over (final, or
         stopped), else everything but what held_back says may still change."""
         done = final or self.stopped
-        end = len(self.text) if done else len(self.text) - held_back(self.text, self.stops)
+        end = len(self.text) if done else \
+            len(self.text) - min(len(self.text), held_back(self.context + self.text, self.stops))
         piece = self.text[self.shown:end]
         self.shown = max(self.shown, end)
         return piece
+
+    def _begun_in_context(self, text: str) -> bool:
+        """A stop string that starts in the context (the prompt's end) and ends in `text`."""
+        for s in self.stops:
+            k = len(s) - 1  # at most k of its characters can lie in the context, at least one in the text
+            if k and self.context and s in self.context[-k:] + text[:k]:
+                return True
+        return False

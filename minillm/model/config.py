@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass
 
@@ -240,9 +241,12 @@ def parse_value(text: str, annotation, name: str):
             raise ValueError(f"--{name} expects an integer, got {text!r}") from None
     if annotation is float:
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise ValueError(f"--{name} expects a number, got {text!r}") from None
+        if not math.isfinite(value):  # float() takes "nan" and "inf"; no hyper-parameter means them
+            raise ValueError(f"--{name} expects a finite number, got {text!r}")
+        return value
     return text
 
 

@@ -57,6 +57,7 @@ class TrainConfig:
     overwrite: bool = False  # start afresh in an out_dir that already holds a run (its checkpoints are replaced)
 
     def __post_init__(self):
+        check_finite_fields(self)
         for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
                      "gradient_accumulation_steps", "vocab_size"):
             if getattr(self, name) <= 0:
@@ -76,6 +77,20 @@ class TrainConfig:
             raise ValueError("TrainConfig: resume=true and overwrite=true contradict each other; pick one")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"Adam betas must be in [0, 1), got beta1={self.beta1}, beta2={self.beta2}")
+
+
+def check_finite_fields(cfg) -> None:
+    """Raise ValueError naming the first float field of dataclass `cfg` that is NaN or infinite.
+
+    Every comparison with NaN is False, so `learning_rate < 0` lets a NaN through, and the run
+    trains NaN weights to the end; checking finiteness first closes that for every field at once."""
+    import dataclasses
+    import math
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{type(cfg).__name__}.{f.name} must be a finite number, got {value}")
 
 
 # Named recipes: plain data, a model preset plus overrides for both dataclasses and a data source.
@@ -110,9 +125,28 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left in place."""
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training: where the run stopped and which checkpoint survives."""
+class Terminated(KeyboardInterrupt):
+    """A termination signal turned into an interrupt: SIGTERM is what `docker stop`, Kubernetes and
+    batch schedulers send before they kill a process, and a run should stop as cleanly as on Ctrl-C.
+    The command line installs the handler that raises it (minillm.cli.main); every loop that catches
+    KeyboardInterrupt catches it too, and `signum` says which signal it was."""
 
-    def __init__(self, step: int | None, checkpoint_step: int | None, out_dir: str):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during training: where the run stopped and which checkpoint survives.
+
+    signum: the signal that stopped it (2 for Ctrl-C's SIGINT, 15 for SIGTERM); a shell reports
+    such an exit as 128 + signum, and the command line exits with that status."""
+
+    def __init__(self, step: int | None, checkpoint_step: int | None, out_dir: str, signum: int = 2):
         super().__init__(step, checkpoint_step, out_dir)
-        self.step, self.checkpoint_step, self.out_dir = step, checkpoint_step, out_dir
+        self.step, self.checkpoint_step, self.out_dir, self.signum = step, checkpoint_step, out_dir, signum
+
+    @classmethod
+    def from_interrupt(cls, interrupt: KeyboardInterrupt, step, checkpoint_step, out_dir) -> "TrainingInterrupted":
+        """The loop's record of `interrupt` (a plain KeyboardInterrupt is Ctrl-C, signal 2)."""
+        return cls(step, checkpoint_step, out_dir, getattr(interrupt, "signum", 2))

@@ -91,3 +91,33 @@ def evaluate(model, tokens, batch_size: int, block_size: int, iters: int, device
 def _unwrap(model):
     """The module under torch.compile's wrapper (its methods other than forward live there)."""
     return getattr(model, "_orig_mod", model)
+
+
+# --- which batches: one answer for `minillm eval`, `quantize` and `prune` ----------------------------
+
+def checkpoint_eval_batches(meta: dict, batch_size: int | None = None, iters: int | None = None,
+                            seed: int | None = None) -> dict:
+    """{"batch_size", "iters", "seed"} of the batches a checkpoint's own evaluations scored: its run's
+    batch_size and eval_iters, and the generator seed training evaluates with (seed + 1, train/loop.py).
+    `minillm eval`, `quantize` and `prune` all default to these, so the three commands print the same
+    perplexity for the same checkpoint (and the same as training's last "val ... ppl"); an argument
+    that is not None replaces the recorded value. Without a recorded run: TrainConfig's defaults."""
+    from minillm.train.config import TrainConfig
+
+    for name, value in (("batch_size", batch_size), ("eval_iters", iters)):
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name} must be positive, got {value}")
+    run = meta.get("train") if isinstance(meta.get("train"), dict) else {}
+
+    def recorded(key: str, default: int, least: int = 1) -> int:
+        value = run.get(key, default)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= least else default
+
+    return {"batch_size": batch_size or recorded("batch_size", TrainConfig.batch_size),
+            "iters": iters or recorded("eval_iters", TrainConfig.eval_iters),
+            "seed": seed if seed is not None else recorded("seed", TrainConfig.seed, least=0) + 1}
+
+
+def describe_batches(iters: int, batch_size: int, block_size: int, what: str) -> str:
+    """What a perplexity was measured on, e.g. "20 batches of 12 x 64 = 15,360 tokens of python-docs val"."""
+    return f"{iters} batches of {batch_size} x {block_size} = {iters * batch_size * block_size:,} tokens of {what}"

@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from minillm.weights.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, begin_checkpoint, prune_checkpoints,
-                                save_model, step_folders)
+from minillm.weights.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, begin_checkpoint, check_output_folder,
+                                        latest_checkpoint, prune_checkpoints, remove_temporaries, save_model,
+                                        step_folders)
 from minillm.data.dataset import MLM_SPECIAL_TOKENS, Dataset, prepare_dataset
 from minillm.data.pairs import NSP_SPECIAL_TOKENS
 from minillm.hardware import peak_flops, resolve_device, resolve_dtype
@@ -144,6 +145,8 @@ def setup(model_cfg: ModelConfig, tc: TrainConfig, data_source: str, rank: int, 
             print(f"resuming from step {step} ({folder})")
     elif tc.overwrite and rank == 0:  # only now, with data and model ready: a bad --data loses nothing
         shutil.rmtree(Path(tc.out_dir) / CHECKPOINTS_DIR, ignore_errors=True)
+    if rank == 0:  # what a killed process left half-written (metrics, plot): never read, so it goes
+        remove_temporaries(tc.out_dir)
     if tc.builtin_ops:
         use_builtin_ops(model)  # same Parameters, fused kernels; the checkpoint is unchanged
     raw_model = model
@@ -166,10 +169,19 @@ def setup(model_cfg: ModelConfig, tc: TrainConfig, data_source: str, rank: int, 
 def check_out_dir(tc: TrainConfig) -> None:
     """A run never silently replaces another: an out_dir that holds one needs resume or overwrite."""
     out = Path(tc.out_dir)
+    check_output_folder(out)
     if tc.resume or tc.overwrite:
         return
     held = [s for s, _ in step_folders(out)]
-    if held or (out / CONFIG_FILE).exists() or ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size):
+    if held and latest_checkpoint(out) is None:  # a run stopped inside its first save: nothing to continue
+        raise ValueError(f"{out} holds only an incomplete checkpoint (step {held[0]}: its save was interrupted), "
+                         "so there is nothing to resume; start afresh with --overwrite=true (or pick another "
+                         "--out_dir)")
+    if not held and not (out / CONFIG_FILE).exists() and (out / "metrics.jsonl").is_file() \
+            and (out / "metrics.jsonl").stat().st_size:
+        raise ValueError(f"{out} holds a previous run that stopped before its first checkpoint, so there is "
+                         "nothing to resume; start afresh with --overwrite=true (or pick another --out_dir)")
+    if held or (out / CONFIG_FILE).exists():
         what = f"checkpoints up to step {held[0]}" if held else "a previous run"
         raise ValueError(f"{out} already holds {what}; continue it with --resume=true, or start afresh "
                          "with --overwrite=true (or pick another --out_dir)")
@@ -225,8 +237,16 @@ def evaluate_and_save(run: Run) -> dict:
         # A fresh step folder; its manifest, written last by save_model, commits all four files at
         # once. Only then is the previous checkpoint removed: a kill at any byte leaves one to resume.
         folder = begin_checkpoint(run.out_dir, run.step)
-        save_train_state(folder, run.optimizer, run.batch_gen, run.scaler, step=run.step, best_val_loss=run.best_val)
-        save_model(folder, run.raw_model, run.data.tokenizer, step=run.step, best_val_loss=run.best_val, **run.meta)
+        try:
+            save_train_state(folder, run.optimizer, run.batch_gen, run.scaler, step=run.step,
+                             best_val_loss=run.best_val)
+            save_model(folder, run.raw_model, run.data.tokenizer, step=run.step, best_val_loss=run.best_val,
+                       **run.meta)
+        except BaseException as e:  # a full disk, Ctrl-C: the half-written folder goes (freeing what it took)
+            shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(e, OSError) and e.filename is None:
+                e.filename = str(folder)  # the one-line error (minillm.cli) says where the save failed
+            raise
         prune_checkpoints(run.out_dir, keep=folder)
         run.checkpoint_step = run.step
     run.log.plot(f"{run.cfg.n_layer}L/{run.cfg.n_embd} on {run.data.meta['source']}")
@@ -342,12 +362,15 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_source: str = "py
                 "tokens_per_s": run.tokens_per_step * speed.total_steps / speed.total_s if speed.total_s else None,
                 "out_dir": str(run.out_dir), "model": run.raw_model, "tokenizer": run.data.tokenizer,
                 "device": str(run.device), "rank": rank, "world_size": world}
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM turned into one (train/config.py Terminated)
         if bar is not None:
             bar.close()  # the bar's last line first, then the caller's one-line message
         checkpoint = run.checkpoint_step if run is not None else None
-        raise TrainingInterrupted(run.step if run is not None else None, checkpoint, tc.out_dir) from None
+        raise TrainingInterrupted.from_interrupt(e, run.step if run is not None else None, checkpoint,
+                                                 tc.out_dir) from None
     finally:
+        if bar is not None:
+            bar.close()  # before any error line: the bar's last line is not left half-drawn beside it
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -46,7 +46,7 @@ from minillm.hardware import resolve_device
 from minillm.model.config import ModelConfig
 from minillm.model.seq2seq import Seq2Seq, Seq2SeqConfig
 from minillm.model.transformer import count_parameters
-from minillm.train.config import TrainConfig, TrainingDiverged
+from minillm.train.config import TrainConfig, TrainingDiverged, TrainingInterrupted
 from minillm.train.fit import fit
 from minillm.train.loop import check_out_dir
 from minillm.train.metrics import MetricsLog
@@ -169,6 +169,7 @@ def train_seq2seq(model_cfg: ModelConfig, tc: TrainConfig, data_source: str = "d
     eval_train, eval_val = train_ids[:n_eval], val_ids[:n_eval]
     bleu_pairs = [(s, t) for s, t in val_pairs if s.strip()][:tc.bleu_sentences]  # fixed sentences for val_bleu
     val_loss = math.inf
+    at = {"step": start, "checkpoint": start if tc.resume else None}  # where an interrupt finds the run
 
     def evaluate_and_save(step: int) -> None:
         nonlocal val_loss, best
@@ -187,9 +188,14 @@ def train_seq2seq(model_cfg: ModelConfig, tc: TrainConfig, data_source: str = "d
             # train state first; the manifest, written last by save_model, commits the folder
             # (weights, config, tokenizer, train state together); then the old one goes
             folder = begin_checkpoint(tc.out_dir, step)
-            save_train_state(folder, optimizer, gen, None, step=step, best_val_loss=min(best, val_loss))
-            save_model(folder, model, tok, step=step, best_val_loss=min(best, val_loss), **meta)
+            try:
+                save_train_state(folder, optimizer, gen, None, step=step, best_val_loss=min(best, val_loss))
+                save_model(folder, model, tok, step=step, best_val_loss=min(best, val_loss), **meta)
+            except BaseException:  # a full disk, Ctrl-C: the half-written folder goes, the previous one stays
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
             prune_checkpoints(tc.out_dir, keep=folder)
+            at["checkpoint"] = step
         best = min(best, val_loss)
         log.plot(f"Seq2Seq {cfg.n_enc_layer}+{cfg.n_dec_layer}L/{cfg.model.n_embd} on {data_source}")
 
@@ -199,6 +205,7 @@ def train_seq2seq(model_cfg: ModelConfig, tc: TrainConfig, data_source: str = "d
         return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
 
     def on_step(step: int, loss: torch.Tensor, lr: float) -> None:
+        at["step"] = step + 1
         if step % tc.log_interval == 0:  # reading the loss waits for the device: only when it is logged
             loss_f = loss.item()
             if not math.isfinite(loss_f):
@@ -207,10 +214,13 @@ def train_seq2seq(model_cfg: ModelConfig, tc: TrainConfig, data_source: str = "d
             log.write({"step": step, "loss": loss_f, "lr": lr})
 
     # the shared loop (train/fit.py); a resumed run already evaluated and saved its first step
-    train_s = fit(model, optimizer, next_batch, steps=tc.max_iters, start=start, grad_clip=tc.grad_clip,
-                  schedule=lambda step: seq2seq_lr(step + 1, tc.learning_rate, tc.warmup_iters),
-                  evaluate=evaluate_and_save, eval_interval=tc.eval_interval, eval_first=not tc.resume,
-                  on_step=on_step)
+    try:
+        train_s = fit(model, optimizer, next_batch, steps=tc.max_iters, start=start, grad_clip=tc.grad_clip,
+                      schedule=lambda step: seq2seq_lr(step + 1, tc.learning_rate, tc.warmup_iters),
+                      evaluate=evaluate_and_save, eval_interval=tc.eval_interval, eval_first=not tc.resume,
+                      on_step=on_step)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM turned into one: say where, as train/loop.py does
+        raise TrainingInterrupted.from_interrupt(e, at["step"], at["checkpoint"], tc.out_dir) from None
     return dict(step=tc.max_iters, val_loss=val_loss, best_val_loss=best, device=str(device), out_dir=tc.out_dir,
                 ms_per_iter=1000 * train_s / max(tc.max_iters - start, 1), model=model.eval(), tokenizer=tok,
                 val_pairs=val_pairs, rank=0)

@@ -36,8 +36,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minillm.weights.checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE, CheckpointError, find_checkpoint,
-                                load_tokenizer_file, load_weights, model_config, read_config, verify)
+from minillm.weights.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE,
+                                        CheckpointError, check_against_header, find_checkpoint, load_tokenizer_file, load_weights,
+                                        model_config, read_config, verify)
 from minillm.files import atomic_write
 
 
@@ -131,10 +132,16 @@ def resume_configs(out_dir: str | Path, model_changes: dict, train_changes: dict
     """(ModelConfig, TrainConfig, data source) of the run saved in out_dir, with changes applied
     (e.g. a larger max_iters to train on). The saved configs are the run's; only what is changed
     on the command line differs."""
+    if not (Path(out_dir) / CONFIG_FILE).exists() and not (Path(out_dir) / CHECKPOINTS_DIR).exists() \
+            and (Path(out_dir) / "metrics.jsonl").is_file():
+        raise CheckpointError(f"{out_dir} is not a minillm checkpoint yet (no {CONFIG_FILE}, no {CHECKPOINTS_DIR}/: "
+                              "a run started here and stopped before its first save), so there is nothing to "
+                              "resume; start it again with --overwrite=true")
     folder = find_checkpoint(out_dir)
     verify(folder, names=(CONFIG_FILE,))  # the configs are read before anything else: check them first
     meta = read_config(folder)
     model_cfg = model_config(meta, folder / CONFIG_FILE, **model_changes)
+    check_against_header(meta, folder, **model_changes)  # a config the weights cannot fill: before building
     if "quantization" in meta:
         raise CheckpointError(f"{folder / CONFIG_FILE}: a quantized checkpoint cannot be resumed (training needs "
                               "float weights); resume the run it was quantized from")

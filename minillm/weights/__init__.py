@@ -3,9 +3,13 @@
 Read in this order:
     checkpoint.py            minillm's own checkpoint (safetensors + config.json), float, quantized,
                              pruned or fine-tuned: save_model / load_model, atomic and resumable
+    header.py                a config checked against the safetensors header before anything is
+                             built (size bombs), and bounds on what the config alone allocates
     huggingface.py           Hugging Face folders of GPT-2, BERT and Llama-family models (Llama,
                              Mistral, Qwen2, SmolLM2): their configs and tensor names mapped onto
                              minillm's classes
+    huggingface_checks.py    what a Hugging Face config.json must say (types, ranges, RoPE, sizes
+                             the weights show) before huggingface.py builds anything
     huggingface_seq2seq.py   Hugging Face BART folders into the encoder–decoder (Seq2Seq)
     gguf.py                  llama.cpp's GGUF file read from scratch: header, metadata of every
                              value type, tensor table, alignment, memory-mapped data

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -168,13 +169,29 @@ def begin_checkpoint(out_dir: str | Path, step: int) -> Path:
     return folder
 
 
+def check_output_folder(path: str | Path, option: str = "--out_dir") -> None:
+    """ValueError if `path`, or a folder above it, exists as something other than a folder: called
+    before any work, so that a run does not train for an hour and then fail to save."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{option}={path}: {p} is a file, not a folder; pick another {option}")
+
+
 def prune_checkpoints(out_dir: str | Path, keep: Path) -> None:
     """After `keep` is complete: remove the other step folders and stale temporary files."""
     for _, folder in step_folders(out_dir):
         if folder != keep:
             shutil.rmtree(folder, ignore_errors=True)
-    for tmp in Path(out_dir).glob(".*.tmp*"):  # atomic_write's leftovers from a killed process
-        tmp.unlink(missing_ok=True)
+    remove_temporaries(out_dir)
+
+
+def remove_temporaries(out_dir: str | Path) -> None:
+    """atomic_write's leftovers of a killed process (.NAME.XXXX.tmp) in a run's folder: never read,
+    so removed when a run starts and after each complete save."""
+    for tmp in Path(out_dir).glob(".*.tmp*"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -189,9 +206,10 @@ def find_checkpoint(path: str | Path) -> Path:
     if latest is not None:
         return latest
     folders = step_folders(path)
-    if folders:  # name what is wrong with the newest one
+    if folders:  # name what is wrong with the newest one, and what to do: there is nothing to resume
         raise CheckpointError(f"{incomplete_reason(folders[0][1])}; {path / CHECKPOINTS_DIR} holds no complete "
-                              "checkpoint")
+                              "checkpoint (the run stopped inside its first save); train it again with "
+                              "--overwrite=true")
     if not path.exists():
         raise FileNotFoundError(f"{path} is not a minillm checkpoint: it does not exist")
     raise FileNotFoundError(f"{path} is not a minillm checkpoint (no {CONFIG_FILE}, no {CHECKPOINTS_DIR}/); "
@@ -267,6 +285,8 @@ def _check_fields(dc, values: dict, file: Path, what: str) -> None:
         ok = [t for k in kinds for t in _TYPES.get(k, (object,))]
         if not isinstance(value, tuple(ok)) or (isinstance(value, bool) and bool not in ok):
             raise CheckpointError(f"{file}: {what} field {key}={value!r} should be {fields[key].type}")
+        if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN/Infinity: Python reads them
+            raise CheckpointError(f"{file}: {what} field {key}={value!r} should be a finite number")
 
 
 def model_config(meta: dict, file: Path, **overrides) -> ModelConfig:
@@ -305,6 +325,35 @@ def build_from_config(meta: dict, file: Path, **overrides) -> torch.nn.Module:
         except ValueError as e:
             raise CheckpointError(f"{file}: classifier: {e}") from None
     return build_model(model_config(meta, file, **overrides))
+
+
+def check_against_header(meta: dict, folder: Path, **overrides) -> None:
+    """CheckpointError if config.json cannot describe model.safetensors, found from the file's header
+    before anything is allocated (weights/header.py): the layer counts first (cheap, and what keeps
+    n_layer=100000 from building 100000 blocks), then every shape, from the model built on the meta
+    device, and a bound on the position tables the config alone sizes. What the header cannot show
+    (a missing tensor, an extra one) is left to load_weights' strict load."""
+    from minillm.weights.header import (HeaderMismatch, block_counts, build_on_meta, check_block_count,
+                                        check_derived_buffers, check_shapes, safetensors_shapes)
+
+    file, config_file = folder / MODEL_FILE, folder / CONFIG_FILE
+    if not file.is_file() or file.stat().st_size == 0:
+        return  # load_weights says what is wrong with it
+    try:
+        shapes = safetensors_shapes([file])
+        counts = block_counts(shapes)
+        s = meta.get("seq2seq")
+        layers = ({"encoder.": ("n_enc_layer", s.get("n_enc_layer")), "": ("n_dec_layer", s.get("n_dec_layer"))}
+                  if isinstance(s, dict) else {} if "seq2seq" in meta  # (a bad "seq2seq": the build names it)
+                  else {"transformer.": ("n_layer", meta["model"].get("n_layer"))})
+        for prefix, (key, n) in layers.items():
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:  # (a bad value: the config check names it)
+                check_block_count(n, counts.get(prefix, 0), key, config_file, file)
+        model = build_on_meta(lambda: build_from_config(meta, config_file, **overrides))
+        check_shapes(model, shapes, file)
+        check_derived_buffers(model, config_file)
+    except HeaderMismatch as e:
+        raise CheckpointError(str(e)) from None
 
 
 def load_weights(model: torch.nn.Module, file: Path, device: str | torch.device = "cpu") -> None:
@@ -375,6 +424,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", backend: st
     folder = find_checkpoint(path)
     verify(folder)
     meta = read_config(folder)
+    check_against_header(meta, folder, **config_overrides)  # before a byte is allocated for the model
     model = build_from_config(meta, folder / CONFIG_FILE, **config_overrides)
     q = meta.get("quantization")
     if q is None:
@@ -412,3 +462,39 @@ def check_vocab(tokenizer, cfg: ModelConfig, folder: Path) -> None:
     if tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{folder / TOKENIZER_FILE}: {tokenizer.vocab_size} tokens, but the model's "
                               f"vocabulary has only {cfg.vocab_size} ({CONFIG_FILE}); they belong to different models")
+
+
+@torch.no_grad()
+def check_finite_forward(model: torch.nn.Module, where: str | Path, n_tokens: int = 8) -> None:
+    """A short warm-up forward pass; CheckpointError if any output is NaN or infinite.
+
+    A checkpoint can be well-formed (right names, shapes, dtypes, sha256s) and still be useless: a run
+    trained with a NaN hyper-parameter saves NaN weights, and every command on it would print "loss nan"
+    or generate token 0 forever. One forward of `n_tokens` ids (a few milliseconds on a small model)
+    finds that at load time. Every command that loads a model for use calls this after load_model
+    (the CLI's commands, and the server at start-up and on each admin switch); `where` names the checkpoint.
+    """
+    cfg = model.cfg.model if isinstance(model, Seq2Seq) else model.cfg
+    T = max(1, min(n_tokens, cfg.block_size))
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()))
+    ids = (torch.arange(T, device=tensor.device) % cfg.vocab_size).unsqueeze(0)  # (1, T)
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(model, Seq2Seq):
+            tgt = ids.clone()
+            tgt[0, 0] = model.cfg.bos_id
+            out = model(ids, tgt)
+        else:
+            out = model(ids)
+    finally:
+        model.train(was_training)
+    logits = out[0] if isinstance(out, tuple) else out
+    if not torch.isfinite(logits.float()).all():
+        bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        which = (f"{len(bad)} tensors hold NaN or infinite values (first: {bad[0]})" if bad
+                 else "the weights are finite but overflow in the forward pass")
+        raise CheckpointError(f"{where}: the model's outputs are not finite on a warm-up forward pass: {which}; "
+                              "it was probably trained with a NaN or infinite hyper-parameter")

@@ -135,16 +135,12 @@ def read_hf_checkpoint(path: str | Path) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has no config.json: pass a Hugging Face model folder")
-    hf_cfg = json.loads((path / "config.json").read_text())
-    if (path / "model.safetensors").exists():
-        sd = load_file(str(path / "model.safetensors"))
-    elif (path / "model.safetensors.index.json").exists():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
+    hf_cfg = read_hf_config(path)
+    files = safetensors_files(path)
+    if files:
         sd = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            sd.update(load_file(str(path / shard)))
+        for file in files:
+            sd.update(load_file(str(file)))
     elif (path / "pytorch_model.bin").exists():
         sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
@@ -153,16 +149,58 @@ def read_hf_checkpoint(path: str | Path) -> tuple[dict, dict]:
     return hf_cfg, sd
 
 
+def _read_json(file: Path, what: str) -> dict:
+    """A JSON object from `file`, or ValueError in one line naming the file."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"{file}: cannot be read ({e.strerror or e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{file}: JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object ({what}), got {type(data).__name__}")
+    return data
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """config.json of a Hugging Face folder, as a dict; one-line errors naming the file."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json: pass a Hugging Face model folder")
+    return _read_json(path / "config.json", "the model's configuration")
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The folder's weight files: model.safetensors, or the shards its index names; [] if neither."""
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    index_file = path / "model.safetensors.index.json"
+    if not index_file.exists():
+        return []
+    weight_map = _read_json(index_file, "a \"weight_map\" of tensor -> shard").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index_file}: \"weight_map\" should map tensor names to shard file names")
+    shards = sorted(set(weight_map.values()))
+    bad = [s for s in shards if Path(s).name != s or not (path / s).is_file()]
+    if bad:
+        raise ValueError(f"{index_file}: shard {bad[0]!r} is not a file of this folder")
+    return [path / s for s in shards]
+
+
 def load_gpt2(path: str | Path) -> CausalLM:
     """A minillm CausalLM holding the GPT-2 weights of a downloaded Hugging Face folder."""
-    hf_cfg, sd = read_hf_checkpoint(path)
-    return gpt2_from_state_dict(sd, gpt2_config(hf_cfg))
+    return load_checked(path, "gpt2")[0]
 
 
 def load_bert(path: str | Path) -> MaskedLM:
     """A minillm MaskedLM holding the weights of a downloaded Hugging Face BertForMaskedLM folder."""
-    hf_cfg, sd = read_hf_checkpoint(path)
-    return bert_from_state_dict(sd, bert_config(hf_cfg))
+    return load_checked(path, "bert")[0]
 
 
 # --- the Llama family: Llama 2/3, Mistral, Qwen2, SmolLM2 -------------------------------------------
@@ -275,8 +313,7 @@ def llama_from_state_dict(sd: dict, cfg: ModelConfig) -> CausalLM:
 
 def load_llama(path: str | Path) -> CausalLM:
     """A minillm CausalLM holding the weights of a downloaded Llama / Mistral / Qwen2 / SmolLM2 folder."""
-    hf_cfg, sd = read_hf_checkpoint(path)
-    return llama_from_state_dict(sd, llama_config(hf_cfg))
+    return load_checked(path, LLAMA_FAMILY)[0]
 
 
 # --- any Hugging Face folder -------------------------------------------------------------------------
@@ -304,16 +341,9 @@ def load_hf_folder(path: str | Path, device: str | torch.device = "cpu", **confi
     from minillm.data.tokenizer import load_hf_tokenizer
 
     path = Path(path)
-    hf_cfg, sd = read_hf_checkpoint(path)
-    kind = hf_cfg.get("model_type")
-    loaders = {"gpt2": (gpt2_config, gpt2_from_state_dict), "bert": (bert_config, bert_from_state_dict),
-               **{k: (llama_config, llama_from_state_dict) for k in LLAMA_FAMILY}}
-    if kind not in loaders:
-        raise ValueError(f"{path / 'config.json'}: model_type {kind!r} is not supported "
-                         f"(minillm loads {', '.join(loaders)})")
-    make_config, from_state_dict = loaders[kind]
-    cfg = dataclasses.replace(make_config(hf_cfg), **config_overrides)
-    model = from_state_dict(sd, cfg).to(device).eval()
+    model, hf_cfg = load_checked(path, tuple(LOADERS), **config_overrides)
+    kind = hf_cfg["model_type"]
+    model = model.to(device).eval()
     cfg = model.cfg  # (a BERT folder with an NSP head turns nsp_head on)
     tokenizer = load_hf_tokenizer(path) if (path / "tokenizer.json").exists() else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:  # an id past the embedding table
@@ -323,3 +353,50 @@ def load_hf_folder(path: str | Path, device: str | torch.device = "cpu", **confi
             "huggingface": {"path": str(path), "model_type": kind, "bos_token_id": hf_cfg.get("bos_token_id"),
                             "eos_token_id": hf_cfg.get("eos_token_id")}}
     return model, tokenizer, meta
+
+
+LOADERS = {"gpt2": (gpt2_config, gpt2_from_state_dict), "bert": (bert_config, bert_from_state_dict),
+           **{k: (llama_config, llama_from_state_dict) for k in LLAMA_FAMILY}}
+
+
+def load_checked(path: str | Path, kinds: str | tuple[str, ...], **config_overrides) -> tuple[torch.nn.Module, dict]:
+    """(model on the CPU, config.json) of a Hugging Face folder whose model_type is one of `kinds`,
+    with config.json checked before anything is built: every size a positive integer, RoPE and
+    sliding-window settings valid, and every size that the weights show (vocabulary, width, layers,
+    positions, heads, FFN) equal to the safetensors header's shapes (huggingface_checks.py). A
+    config.json that says n_layer=100000 is refused in milliseconds, not after building 5 GB."""
+    from minillm.weights.huggingface_checks import check_hf_config, check_hf_header
+    from minillm.weights.header import HeaderMismatch, build_on_meta, check_derived_buffers, safetensors_shapes
+
+    path = Path(path)
+    hf = read_hf_config(path)
+    kinds = (kinds,) if isinstance(kinds, str) else kinds
+    config_file = path / "config.json"
+    kind = hf.get("model_type")
+    if kind not in kinds:
+        raise ValueError(f"{config_file}: model_type {kind!r} is not supported here (minillm loads "
+                         f"{', '.join(kinds)})")
+    make_config, from_state_dict = LOADERS[kind]
+    check_hf_config(hf, config_file)  # the keys make_config reads: present, of the right type and range
+    try:
+        cfg = dataclasses.replace(make_config(hf), **config_overrides)
+    except (ValueError, TypeError) as e:  # ModelConfig's own checks (n_embd divisible by n_head, ...)
+        raise ValueError(f"{config_file}: {e}") from None
+    files = safetensors_files(path)
+    try:
+        if files:
+            check_hf_header(kind, hf, safetensors_shapes(files), config_file)
+        check_derived_buffers(build_on_meta(lambda: from_meta_model(cfg)), config_file)
+    except HeaderMismatch as e:
+        raise ValueError(str(e)) from None
+    _, sd = read_hf_checkpoint(path)
+    try:
+        return from_state_dict(sd, cfg), hf
+    except KeyError as e:  # a tensor the architecture needs is not in the file
+        where = files[0].name if len(files) == 1 else "the safetensors shards" if files else "pytorch_model.bin"
+        raise ValueError(f"{path / where}: no tensor {e.args[0]!r}, which a {kind} model has") from None
+
+
+def from_meta_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The minillm model `cfg` describes (built on the meta device by the caller: shapes only)."""
+    return (CausalLM if cfg.causal else MaskedLM)(cfg)
