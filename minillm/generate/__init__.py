@@ -13,6 +13,8 @@ Read in this order:
                   encoder–decoder and the causal LM, stepped through the decode core
     batching.py   continuous batching: requests join and leave one shared batch between decode steps
                   (what the server runs)
+    chat.py       a conversation with an instruct model: its chat template, the history kept within
+                  the context window (what `minillm chat` runs)
 """
 
 from minillm.generate.core import decode_step, extend, prefill
