@@ -20,6 +20,7 @@ import torch
 from minillm.weights.checkpoint import TOKENIZER_FILE, check_finite_forward, find_checkpoint, load_model
 from minillm.finetune.instruct import format_prompt
 from minillm.generate.sampling import generate_text
+from minillm.generate.speculative import speculative_text
 from minillm.hardware import resolve_device, resolve_dtype
 from minillm.model.builtin_ops import for_inference
 from minillm.model.config import ModelConfig, split_overrides
@@ -60,6 +61,11 @@ def cmd_generate(args, overrides: list[str]) -> int:
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               use_cache=not args.no_cache, generator=gen, stop=stop, window_stride=args.window_stride,
               flat_decode=not args.readable)
+    text_fn, stats = generate_text, {}
+    if args.speculative:  # each row alone (batch size 1), the same keyword arguments but use_cache
+        kw = dict({k: v for k, v in kw.items() if k != "use_cache"}, k=args.draft_k, stats=stats,
+                  draft=_draft(args, tok, device, dtype))
+        text_fn = speculative_text
     t0, n_tokens, counts = time.perf_counter(), 0, []
     if args.batch and len(rows) > 1:
         # all rows in one left-padded batch: faster, printed when done
@@ -72,13 +78,17 @@ def cmd_generate(args, overrides: list[str]) -> int:
             if len(rows) > 1:
                 print(f"--- sample {i + 1} ---")
             print(shown(p), end="", flush=True)
-            [t] = generate_text(model, tok, [p], args.max_new_tokens, **kw, token_counts=counts,
-                                stream=lambda _, piece: print(piece, end="", flush=True))
+            [t] = text_fn(model, tok, [p], args.max_new_tokens, **kw, token_counts=counts,
+                          stream=lambda _, piece: print(piece, end="", flush=True))
             print()
             n_tokens += counts[0]
     dt = time.perf_counter() - t0
     print(f"[{n_tokens} tokens in {dt:.2f} s, {n_tokens / dt:.1f} tokens/s on {device}, "
           f"{'no ' if args.no_cache else ''}KV cache; {_source(meta)}]", file=sys.stderr)
+    if args.speculative:
+        print(f"[speculative decoding ({args.speculative}, k={args.draft_k}): {stats['accepted']} of "
+              f"{stats['drafted']} guesses accepted ({stats['accepted'] / max(stats['drafted'], 1):.0%}), "
+              f"{stats['tokens'] / max(stats['rounds'], 1):.2f} tokens per target forward]", file=sys.stderr)
     return 0
 
 
@@ -119,6 +129,11 @@ def add_parser(sub) -> None:
                    help="past block_size, re-prefill the last block_size-K+1 tokens every K tokens "
                         "(default block_size//4; 1 = nanoGPT's exact sliding window, slower)")
     p.add_argument("--batch", action="store_true", help="run all samples as one left-padded batch")
+    p.add_argument("--speculative", default=None, metavar="draft:PATH|lookup",
+                   help="speculative decoding, one row at a time: a smaller checkpoint with the same tokenizer "
+                        "guesses --draft_k tokens (draft:PATH), or n-grams of the context do (lookup); the "
+                        "target checks them in one forward. Same distribution; greedy: the same tokens")
+    p.add_argument("--draft_k", type=int, default=4, help="tokens guessed per round with --speculative (default 4)")
     p.add_argument("--readable", action="store_true",
                    help="run minillm's written-out layers and modules (the code you read) instead of "
                         "PyTorch's fused norms, activations and attention and flat decode steps "
@@ -136,7 +151,24 @@ def _checked_generate(args, overrides):
         args.top_k = None  # 0 = no top-k filter
     if args.escapes and args.stop:
         args.stop = [_unescape(s) for s in args.stop]
+    if args.speculative and not (args.speculative == "lookup" or args.speculative.startswith("draft:")):
+        raise ValueError(f"--speculative must be draft:PATH or lookup, got {args.speculative!r}")
+    if args.speculative and (args.batch or args.no_cache):
+        raise ValueError("--speculative runs one row at a time through a KV cache: drop --batch and --no_cache")
     return cmd_generate(args, overrides)
+
+
+def _draft(args, tok, device, dtype):
+    """--speculative=lookup -> "lookup"; draft:PATH -> that checkpoint's model, if it has `tok`."""
+    if args.speculative == "lookup":
+        return "lookup"
+    path = args.speculative[len("draft:"):]
+    draft, draft_tok, _ = load_model(path, device=device)
+    if draft_tok is None or draft_tok.to_dict() != tok.to_dict():
+        raise ValueError(f"--speculative: the draft {path} has another tokenizer than the target; a draft must "
+                         "share the target's tokenizer")
+    draft = draft.to(dtype)
+    return draft if args.readable else for_inference(draft)
 
 
 def _unescape(text: str) -> str:

@@ -9,6 +9,8 @@ Read in this order:
                   several prompts in one left-padded batch, past block_size, streaming text
     text.py       from new token ids to final text: stop strings, held-back UTF-8 and stop prefixes
     flat.py       a cached decode step without the module tree: the same ops, less Python per token
+    speculative.py  speculative decoding: a draft model or prompt lookup guesses k tokens, one `extend`
+                  of the target checks them (the target's distribution, greedy's very tokens)
     beam.py       greedy and beam search (GNMT's or Hugging Face's length penalty) for the
                   encoder–decoder and the causal LM, stepped through the decode core
     batching.py   continuous batching: requests join and leave one shared batch between decode steps
@@ -18,6 +20,8 @@ Read in this order:
 """
 
 from minillm.generate.core import decode_step, extend, prefill
-from minillm.generate.sampling import generate, generate_text, generate_tokens, sample_next
+from minillm.generate.sampling import generate, generate_text, generate_tokens, probs, sample_next
+from minillm.generate.speculative import speculative_generate, speculative_text
 
-__all__ = ["decode_step", "extend", "generate", "generate_text", "generate_tokens", "prefill", "sample_next"]
+__all__ = ["decode_step", "extend", "generate", "generate_text", "generate_tokens", "prefill", "probs", "sample_next",
+           "speculative_generate", "speculative_text"]

@@ -31,8 +31,8 @@ from minillm.generate.core import decode_step, positions_from_mask, prefill
 from minillm.generate.flat import FlatDecoder
 from minillm.generate.text import StopText
 
-__all__ = ["generate", "generate_text", "generate_tokens", "left_pad", "positions_from_mask", "sample_next",
-           "top_k_filter", "top_p_filter"]
+__all__ = ["generate", "generate_text", "generate_tokens", "left_pad", "positions_from_mask", "probs",
+           "sample_next", "top_k_filter", "top_p_filter"]
 
 # --- choosing the next token ------------------------------------------------------------------
 
@@ -60,9 +60,12 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) of the last position -> next token ids (B,).
+def probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+          top_p: float | None = None) -> torch.Tensor:
+    """logits (..., V) -> the distribution `sample_next` draws from, (..., V) float32.
+
+    temperature 0 (greedy) is a point mass on the argmax. Speculative decoding compares two such
+    distributions (minillm/generate/speculative.py), so both must be filtered exactly like this.
 
     Written so that no temperature > 0 can turn a row into NaN: softmax(z / τ) is computed as
     softmax((z - max z) / τ). The shift changes nothing mathematically (softmax is invariant to
@@ -72,14 +75,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     NaN; 1e300 is inf, and -inf / inf is NaN) is divided in float64. A row with no usable logit
     (NaN, +inf, or all -inf) has no distribution to sample from: ValueError, naming the rows.
     """
-    if not (0.0 <= temperature < float("inf")):  # also refuses NaN, which fails every comparison
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    logits = logits.float()
-    row_max = logits.amax(dim=-1, keepdim=True)  # (B, 1)
-    _check_rows(row_max)
+    logits, row_max = _checked(logits, temperature)
     if temperature == 0:  # greedy: top-k / top-p cannot change the argmax
-        return logits.argmax(dim=-1)
-    logits = logits - row_max  # (B, V), max 0 per row, the rest <= 0
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    logits = logits - row_max  # (..., V), max 0 per row, the rest <= 0
     if temperature != 1.0:  # <= 0 or -inf after the division: never NaN, never +inf
         safe = 1e-30 < temperature < 1e30  # float32 holds τ and 1/τ with room to spare
         logits = logits / temperature if safe else (logits.double() / temperature).float()
@@ -87,12 +86,31 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         logits = top_k_filter(logits, top_k)  # keeps the 0 (the max), so a finite logit survives
     if top_p is not None and top_p < 1.0:
         logits = top_p_filter(logits, top_p)  # always keeps the most likely token
-    probs = torch.softmax(logits, dim=-1)  # (B, V): the max term is exp(0) = 1, so the sum is >= 1
+    return torch.softmax(logits, dim=-1)  # (..., V): the max term is exp(0) = 1, so the sum is >= 1
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) of the last position -> next token ids (B,), drawn from `probs(logits, ...)`
+    (which says why no temperature > 0 gives NaN and which rows raise ValueError)."""
+    if temperature == 0:  # greedy: the argmax, without building the one-hot distribution
+        return _checked(logits, temperature)[0].argmax(dim=-1)
+    p = probs(logits, temperature, top_k, top_p)  # (B, V)
     # sample on the generator's device (a CPU generator cannot drive CUDA sampling)
-    gen_device = generator.device if generator is not None else probs.device
-    if gen_device == probs.device:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return torch.multinomial(probs.to(gen_device), 1, generator=generator).squeeze(-1).to(logits.device)
+    gen_device = generator.device if generator is not None else p.device
+    if gen_device == p.device:
+        return torch.multinomial(p, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(p.to(gen_device), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def _checked(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refuse a bad temperature or an unusable row; logits as float32 and each row's max (..., 1)."""
+    if not (0.0 <= temperature < float("inf")):  # also refuses NaN, which fails every comparison
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    logits = logits.float()
+    row_max = logits.amax(dim=-1, keepdim=True)  # (..., 1)
+    _check_rows(row_max)
+    return logits, row_max
 
 
 def _check_rows(row_max: torch.Tensor) -> None:
