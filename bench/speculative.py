@@ -49,8 +49,10 @@ def prompts(tok) -> dict[str, str]:
                      f"with the code only.\n\n{FUNCTION}"}
     if getattr(tok, "chat_template", None):
         return {name: chat_prompt_for(tok, [{"role": "user", "content": text}])[0] for name, text in tasks.items()}
-    return {"summary": f"{PARAGRAPH}\n\nSummary of the paragraph above: The garbage collector in CPython",
-            "code": f"{tasks['code']}\n\nRewritten:\n\ndef squares_of_even(numbers):\n"}
+    # a character-level model's context is short (block_size 256 for char-small): shorter prompts
+    return {"summary": f"{PARAGRAPH.split('. ')[1]}.\n\nIn short: when the count of references to an object",
+            "code": "def squares(numbers):\n    result = []\n    for n in numbers:\n        result.append(n * n)\n"
+                    "    return result\n\ndef cubes(numbers):\n"}
 
 
 def timed(run) -> tuple[list[int], float, dict]:

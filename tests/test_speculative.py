@@ -106,6 +106,7 @@ def test_prompt_lookup_proposes_what_followed_the_last_ngram():
     assert lookup.propose(seq, 2)[0].tolist() == [7, 8]  # "5 6" seen before: then came 7 8
     assert lookup.propose(seq, 9)[0].tolist() == [7, 8, 9, 5, 6]  # as far as the context goes
     assert lookup.propose(torch.tensor([1, 2, 7, 1, 2, 8, 1, 2]), 2)[0].tolist() == [8, 1]  # the latest "1 2"
+    assert lookup.propose(torch.tensor([3, 3, 3, 3, 3, 3]), 3)[0].tolist() == [3, 3, 3]  # not the latest (one 3 after)
     assert lookup.propose(torch.tensor([4, 7, 1, 4, 7]), 3)[0].tolist() == [1, 4, 7]
     assert lookup.propose(torch.tensor([1, 2, 3]), 3)[0].tolist() == []  # no match: no guess
 

@@ -56,7 +56,7 @@ def _draw(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 
 
 class PromptLookup:
-    """Guess by copying: the tokens that followed the last occurrence of the context's final n-gram."""
+    """Guess by copying: the tokens that followed an earlier occurrence of the context's final n-gram."""
 
     def __init__(self, max_ngram: int = 3):
         self.max_ngram = max_ngram
@@ -65,9 +65,12 @@ class PromptLookup:
         """seq (n,) the context -> up to k guessed tokens (g,), and q = None (a point mass on each)."""
         for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
             windows = seq[:-1].unfold(0, n, 1)  # (len - n, n): every n-gram that has a successor
-            hits = (windows == seq[-n:]).all(dim=1).nonzero()
+            hits = (windows == seq[-n:]).all(dim=1).nonzero().flatten()
             if len(hits):
-                start = int(hits[-1]) + n  # the most recent occurrence: what a copy is most likely copying
+                # the most recent occurrence that k tokens follow (what a copy is most likely copying),
+                # else the earliest (the longest continuation: in a run "a a a a" the latest has one)
+                full = hits[hits + n + k <= len(seq)]
+                start = int(full[-1] if len(full) else hits[0]) + n
                 return seq[start:start + k], None
         return seq[:0], None  # no match: no guess, a plain decode step this round
 
