@@ -102,3 +102,34 @@ def test_the_command_line_session(monkeypatch, tmp_path, capsys):
 def test_bad_options_are_one_line(capsys):
     assert main(["chat", "x.gguf", "--top_p=0"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_generate_chat_uses_the_template_and_prints_the_answer_only(monkeypatch, tmp_path, capsys):
+    model, tok = tiny()
+    seen = {}
+
+    def fake_generate_text(model_, tok_, rows, n, **kw):
+        seen["rows"], seen["stop"] = rows, kw["stop"]
+        if kw.get("stream"):
+            kw["stream"](0, "Paris.")
+        if kw.get("token_counts") is not None:
+            kw["token_counts"][:] = [2]
+        return ["Paris."]
+
+    monkeypatch.setattr("minillm.cli.generate.find_checkpoint", lambda p: tmp_path)
+    monkeypatch.setattr("minillm.cli.generate.load_model", lambda *a, **k: (model, tok, {}))
+    monkeypatch.setattr("minillm.cli.generate.generate_text", fake_generate_text)
+    assert main(["generate", "m.gguf", "--chat", "--system=Be brief.", "--prompt=Capital of France?"]) == 0
+    assert seen["rows"] == ["<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital of France?"
+                            "<|im_end|>\n<|im_start|>assistant\n"]
+    assert "<|im_end|>" in seen["stop"]
+    assert capsys.readouterr().out.strip() == "Paris."  # the template is not shown
+
+
+def test_generate_chat_without_a_template_is_one_line(monkeypatch, tmp_path, capsys):
+    model, tok = tiny(template=None)
+    monkeypatch.setattr("minillm.cli.generate.find_checkpoint", lambda p: tmp_path)
+    monkeypatch.setattr("minillm.cli.generate.load_model", lambda *a, **k: (model, tok, {}))
+    assert main(["generate", "m", "--chat", "--prompt=Hi"]) == 2
+    err = capsys.readouterr().err
+    assert "has no chat template" in err and err.count("\n") == 1

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from minillm.weights.checkpoint import TOKENIZER_FILE, check_finite_forward, find_checkpoint, load_model
+from minillm.data.chat_template import chat_prompt_for
 from minillm.finetune.instruct import format_prompt
 from minillm.generate.sampling import generate_text
 from minillm.generate.speculative import speculative_text
@@ -55,6 +56,14 @@ def cmd_generate(args, overrides: list[str]) -> int:
         given = _unescape(args.input) if args.escapes else args.input
         prompts = [format_prompt(p, given, instruct["template"]) for p in prompts]
         stop.append(instruct["end"])
+    if args.chat:  # the model's own chat template (GGUF / HF tokenizer_config.json): each prompt is a user turn
+        rendered = [chat_prompt_for(tok, ([{"role": "system", "content": args.system}] if args.system else [])
+                                    + [{"role": "user", "content": p}]) for p in prompts]
+        if rendered[0] is None:
+            raise ValueError(f"{folder} has no chat template; --chat needs an instruct model that ships one "
+                             "(a GGUF file or a Hugging Face folder), e.g. smollm2-135m-instruct")
+        prompts, instruct = [text for text, _ in rendered], True
+        stop += rendered[0][1]
     shown = (lambda p: "") if instruct else (lambda p: p)  # the template is not the user's text: print the answer only
     rows = [p for p in prompts for _ in range(args.num_samples)]
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -121,6 +130,11 @@ def add_parser(sub) -> None:
                    help="stop a sample when this string appears (repeatable; use --escapes for \\n)")
     p.add_argument("--input", default="",
                    help="instruction-tuned models: the context of the template's Input section (default none)")
+    p.add_argument("--chat", action="store_true",
+                   help="models with a chat template (instruct GGUF files, Hugging Face instruct folders): "
+                        "each --prompt is a user message, formatted with the model's own template; "
+                        "generation stops at its end-of-turn token and only the answer is printed")
+    p.add_argument("--system", default=None, help="with --chat: a system message before each prompt")
     p.add_argument("--raw", action="store_true",
                    help="instruction-tuned models: continue the prompt as plain text, without the template")
     p.add_argument("--escapes", action="store_true", help="interpret \\n, \\t in --prompt, --input and --stop")
@@ -178,6 +192,9 @@ def _unescape(text: str) -> str:
 
 def _source(meta: dict) -> str:
     """Where the weights came from, for the closing line: a training step or a Hugging Face folder."""
+    if "gguf" in meta:
+        types = ", ".join(f"{n} {t}" for t, n in meta["gguf"]["tensor_types"].items())
+        return f"GGUF file, {meta['gguf'].get('name') or 'llama'} ({types} tensors, run in fp32)"
     if "huggingface" in meta:
         return f"Hugging Face {meta['huggingface'].get('model_type', 'model')} folder"
     return f"checkpoint step {meta.get('step', '?')}"
