@@ -14,6 +14,7 @@ The layers, each in its own file:
     minillm/serve/api.py           the FastAPI app: OpenAI-compatible /v1/completions and
                                    /v1/chat/completions (+ streaming), /v1/models, /admin, /health,
                                    /metrics; validation, errors, the queue's 429s
+    minillm/serve/limits.py        header/body timeouts, connection cap, quiet logs
     this file                      the command line: load the checkpoints, build the app, run uvicorn
 
 The OpenAI Python client works against it: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...).
@@ -33,7 +34,7 @@ from minillm.model.config import ModelConfig, split_overrides
 
 
 def cmd_serve(args, overrides: list[str]) -> int:
-    """Serve a checkpoint over HTTP: OpenAI-style /v1/completions with continuous batching."""
+    """Serve checkpoints over HTTP: OpenAI-style completions and chat, with continuous batching."""
     import torch
 
     try:
@@ -44,6 +45,7 @@ def cmd_serve(args, overrides: list[str]) -> int:
     from minillm.model.builtin_ops import for_inference
     from minillm.weights.huggingface import is_hf_folder
     from minillm.serve.api import build_app
+    from minillm.serve.limits import freeze_startup_heap, quiet_server_logs, server_options
     from minillm.serve.metrics import setup_access_log
     from minillm.serve.registry import Registry
 
@@ -62,7 +64,9 @@ def cmd_serve(args, overrides: list[str]) -> int:
             for_inference(model, attention="attention" not in changes)
         return model, tokenizer, meta
 
-    registry = Registry(load, args.max_batch_size, args.max_queue, args.seed, flat_decode=not args.readable)
+    _check_limits(args)
+    registry = Registry(load, args.max_batch_size, args.max_queue, args.seed, flat_decode=not args.readable,
+                        max_models=args.max_models)
     specs = _model_specs(args.checkpoints, args.model_name)
     for name, path in specs:
         folder = path if is_hf_folder(path) else find_checkpoint(path)  # a run's newest complete checkpoint
@@ -70,13 +74,17 @@ def cmd_serve(args, overrides: list[str]) -> int:
         if tokenizer is None:
             raise FileNotFoundError(f"{Path(folder) / TOKENIZER_FILE}: missing; serving needs the tokenizer "
                                     "(text in, text out)")
+        # (make_version runs a short forward pass first: a checkpoint with NaN weights stops here)
         registry.add(registry.make_version(name, model, tokenizer, meta, str(folder), start=False))
+    # the admin API loads only from here: by default the folder that holds the first model
+    models_root = Path(args.models_root or Path(specs[0][1]).resolve().parent).resolve()
     api_key = args.api_key or os.environ.get("MINILLM_API_KEY") or None
     admin_key = args.admin_key or os.environ.get("MINILLM_ADMIN_KEY") or None
     # --cors-origin is repeatable and each may be a comma-separated list
     origins = [o.strip() for value in args.cors_origin or [] for o in value.split(",") if o.strip()]
     setup_access_log(args.access_log)
-    app = build_app(registry, api_key=api_key, seed=args.seed, cors_origins=origins, admin_key=admin_key)
+    app = build_app(registry, api_key=api_key, seed=args.seed, cors_origins=origins, admin_key=admin_key,
+                    models_root=models_root, body_timeout_s=args.body_timeout)
     for v in registry.versions():
         n_params = sum(p.numel() for p in v.model.parameters())
         print(f"minillm serve: {v.name} = {v.path} ({v.version}; {n_params / 1e6:.2f}M parameters, block_size "
@@ -84,13 +92,25 @@ def cmd_serve(args, overrides: list[str]) -> int:
     print(f"on {device}/{args.dtype}; batch {args.max_batch_size}, queue {args.max_queue} per model version, "
           f"API key {'required' if api_key else 'not required'}, admin API {'on' if admin_key else 'off'}; "
           f"CORS {', '.join(origins) if origins else 'off'}; access log {args.access_log}", flush=True)
+    if admin_key:
+        print(f"admin API loads checkpoints from {models_root} only; up to {args.max_models} models", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print("warning: listening beyond localhost without an API key; anyone who can reach the "
               "port can use the model (set --api-key or MINILLM_API_KEY)", flush=True)
-    # uvicorn's own access log is off: minillm.access writes one structured line per request instead
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="none",
-                access_log=False)  # ws: no websockets endpoint here
+    quiet_server_logs()
+    freeze_startup_heap()  # models and libraries stay out of every later GC pass (serve/limits.py)
+    # header deadline, keep-alive, connection cap; uvicorn's access log off (ours is one JSON line)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                **server_options(args.max_connections, args.header_timeout))
     return 0
+
+
+def _check_limits(args) -> None:
+    """The limits must be positive: a bad value fails at start-up, in one line."""
+    for flag in ("max_models", "max_connections", "header_timeout", "body_timeout"):
+        value = getattr(args, flag)
+        if not value > 0:  # (also refuses NaN)
+            raise ValueError(f"--{flag} must be positive, got {value}")
 
 
 def _model_specs(checkpoints: list[str], model_name: str | None) -> list[tuple[str, str]]:
@@ -110,21 +130,34 @@ def _model_specs(checkpoints: list[str], model_name: str | None) -> list[tuple[s
     return specs
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help unless the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "default" in help or action.default is None or action.default is False \
+                or action.default is argparse.SUPPRESS:
+            return help
+        return super()._get_help_string(action)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "serve", help="serve a checkpoint over HTTP (OpenAI-compatible /v1/completions, batching)",
-        description=cmd_serve.__doc__ + " Endpoints: POST /v1/completions (prompt, max_tokens, "
-        "temperature, top_p, top_k, stop, n, seed, stream), GET /v1/models, GET /health, GET /metrics "
-        "(Prometheus). Concurrent requests are decoded together, up to --max_batch_size rows; up to "
-        "--max_queue more wait, beyond that requests get 429 + Retry-After. A prompt longer than "
-        "block_size - max_tokens tokens is cropped to its last block_size - max_tokens tokens. Model "
-        "options that do not change the weights are --key=value, e.g. --attention=sdpa.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "serve", help="serve checkpoints over HTTP (OpenAI-compatible completions and chat, batching)",
+        description=cmd_serve.__doc__ + " Endpoints: POST /v1/completions (prompt, max_tokens, temperature, "
+        "top_p, top_k, stop, n, seed, stream); POST /v1/chat/completions (messages, the same fields); "
+        "GET /v1/models; GET /health; GET /metrics (Prometheus); with --admin-key: GET /admin/models/NAME, "
+        "POST /admin/models/NAME {\"path\": ..., \"create\": false} (switch NAME to a checkpoint under "
+        "--models_root), POST /admin/models/NAME/rollback. Concurrent requests are decoded together, up to "
+        "--max_batch_size rows; up to --max_queue more wait, beyond that requests get 429 + Retry-After. A "
+        "prompt longer than block_size - max_tokens tokens is cropped to its last block_size - max_tokens "
+        "tokens. Model options that do not change the weights are --key=value, e.g. --attention=sdpa.",
+        formatter_class=_HelpFormatter)
     p.add_argument("checkpoints", nargs="+", metavar="[NAME=]CHECKPOINT",
                    help="one or more models: a checkpoint or run folder (or Hugging Face folder), optionally "
                         "named (NAME=PATH); requests choose one with \"model\" (default: the first)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 to accept remote clients")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--max_batch_size", "--max-batch-size", type=int, default=16,
                    help="completions decoded together (KV cache rows)")
     p.add_argument("--max_queue", "--max-queue", type=int, default=64,
@@ -143,6 +176,18 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and KV cache precision (bfloat16 halves memory on a GPU)")
+    p.add_argument("--models_root", "--models-root", default=None, metavar="DIR",
+                   help="the admin API loads checkpoints from inside DIR only (symlinks out refused) "
+                        "(default: the folder that holds the first CHECKPOINT)")
+    p.add_argument("--max_models", "--max-models", type=int, default=8,
+                   help="model names the admin API may grow the server to (each holds up to two versions)")
+    p.add_argument("--max_connections", "--max-connections", type=int, default=8192,
+                   help="open connections; past it, requests get 503 and their connection is closed")
+    p.add_argument("--header_timeout", "--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a request's headers must arrive within this of the connection opening (or of "
+                        "the previous answer), else the connection is closed")
+    p.add_argument("--body_timeout", "--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request's body must arrive within this of its headers, else 408")
     p.add_argument("--model-name", "--model_name", default=None,
                    help="id in /v1/models and responses (default: the checkpoint folder's name)")
     p.add_argument("--threads", type=int, default=None,

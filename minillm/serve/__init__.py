@@ -5,6 +5,8 @@
     registry.py models and their versions: load, warm up, switch without downtime, roll back
     chat.py     chat messages → one prompt in the model's template (instruction-tuned or plain)
     auth.py     API keys: `Authorization: Bearer KEY`, compared in constant time
+    limits.py   what keeps one client from slowing the others: header and body timeouts, a
+                connection cap, a parse budget for large bodies, rate-limited logs
     handlers.py the OpenAI endpoints, one named function per endpoint and per phase of a request
     admin.py    the model update service's endpoints (/admin/*): switch a model's version, roll back
     api.py      build_app: an OpenAI-compatible HTTP API (FastAPI) over the continuous-batching

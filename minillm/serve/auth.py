@@ -28,15 +28,22 @@ def key_bytes(what: str, key: str | None) -> bytes | None:
     return key.encode("utf-8") if key is not None else None
 
 
+def bearer_matches(authorization: bytes, key: bytes) -> bool:
+    """Whether an Authorization header's value (the bytes sent) is `Bearer KEY`.
+
+    The scheme is case-insensitive (RFC 9110), and compare_digest takes the same time however many
+    leading bytes are right, so the time taken does not reveal the key."""
+    scheme, _, given = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.lstrip(b" "), key)
+
+
 def check_bearer(request: HTTPRequest, key: bytes | None, what: str = "API key") -> None:
     """Nothing if `key` is None or the request carries it; 401 otherwise."""
     if key is None:
         return
     # Starlette decodes header bytes as latin-1, so encoding back gives the bytes that were
-    # sent: a UTF-8 key arrives as its UTF-8 bytes. The scheme is case-insensitive (RFC 9110).
-    scheme, _, given = request.headers.get("authorization", "").encode("latin-1").partition(b" ")
-    # compare_digest: the time taken does not reveal how many leading bytes were right
-    if not (scheme.lower() == b"bearer" and hmac.compare_digest(given.lstrip(b" "), key)):
+    # sent: a UTF-8 key arrives as its UTF-8 bytes
+    if not bearer_matches(request.headers.get("authorization", "").encode("latin-1"), key):
         raise APIError(401, f"missing or wrong {what}: send 'Authorization: Bearer KEY'",
                        code="invalid_api_key")
 

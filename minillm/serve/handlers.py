@@ -7,7 +7,9 @@ What the server holds lives on `request.app.state`: `registry` (the models and t
 
 A generation request, completion or chat, takes one road through these phases:
 
-    read_request    API key, Content-Type, the body read and validated         (serve/protocol.py)
+    read_request    API key, Content-Type, the body (read by limits.ReadBodyFirst already, within its
+                    timeout) validated; a large body first waits for the shared parse budget and
+                    is parsed on a worker thread                   (serve/protocol.py, limits.py)
     acquire         the model version this request holds until it ends, whatever switches happen
     prepare_*       prompts tokenized and cropped to the context, sampling parameters checked
     submit          into the version's engine queue (429 when full) → a Generation
@@ -31,7 +33,8 @@ from dataclasses import dataclass, field
 from minillm.generate.batching import Event, QueueFull, Request, SamplingParams
 from minillm.serve.auth import check_api_key
 from minillm.serve.chat import chat_prompt
-from minillm.serve.protocol import (MAX_STOP, MIN_TEMPERATURE, RETRY_AFTER_S, APIError, ChatRequest,
+from minillm.serve.protocol import (LARGE_BODY_BYTES, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_STOP,
+                                    MIN_TEMPERATURE, MIN_TOP_P, RETRY_AFTER_S, APIError, ChatRequest,
                                     CompletionRequest, _is_json, parse, read_body)
 from minillm.serve.registry import ModelVersion
 
@@ -110,13 +113,25 @@ async def generate(request: HTTPRequest, schema, prepare, chat: bool):
 # --- generation: the phases before the engine ------------------------------------------------------
 
 async def read_request(request: HTTPRequest, schema):
-    """The body as `schema`: 401, 415, 413 or 400 (serve/protocol.py) for what a client got wrong."""
+    """The body as `schema`: 401, 415, 413, 408 or 400 (serve/protocol.py) for what a client got wrong.
+
+    A body of LARGE_BODY_BYTES or more first takes its size from the server's BodyBudget (waiting,
+    or 429 if the wait would be too long: serve/limits.py), then parses on a worker thread, so the
+    event loop keeps streaming other answers while it does."""
     check_api_key(request)  # before reading anything: strangers cannot make us read bodies
     content_type = request.headers.get("content-type", "")
     if not _is_json(content_type):
         raise APIError(415, f"Content-Type must be application/json (UTF-8), got "
                        f"{content_type[:100]!r}", code="unsupported_media_type")
-    return parse(await read_body(request), schema)
+    body = await read_body(request, timeout_s=request.app.state.body_timeout_s)
+    if len(body) < LARGE_BODY_BYTES:
+        return parse(body, schema)  # ~0.1 ms: a thread hop would cost more than it saves
+    wait = request.app.state.body_budget.reserve(len(body))
+    if wait is None:
+        raise APIError(429, "too many large request bodies at once; retry later", type="rate_limit_error",
+                       code="body_budget", headers={"Retry-After": str(RETRY_AFTER_S)})
+    await asyncio.sleep(wait)
+    return await asyncio.to_thread(parse, body, schema)
 
 
 def acquire(request: HTTPRequest, body) -> ModelVersion:
@@ -168,10 +183,7 @@ def fit(v: ModelVersion, req, prompts: list[str], max_tokens: int | None, stops:
     A prompt longer than block_size - max_tokens tokens keeps its last block_size - max_tokens
     tokens (as nanoGPT crops to the context), so prompt + completion always fits the KV cache."""
     block_size = v.block_size
-    if max_tokens is None:  # chat without max_tokens: whatever the context leaves, at least one token
-        longest = max(len(v.tokenizer.encode(p)) for p in prompts)
-        max_tokens = max(1, min(block_size - 1, block_size - longest))
-    if max_tokens > block_size - 1:
+    if max_tokens is not None and max_tokens > block_size - 1:
         raise APIError(400, f"max_tokens={max_tokens} is more than this model's context allows "
                        f"(block_size {block_size}, at least one prompt token): use at most "
                        f"{block_size - 1}", param="max_tokens")
@@ -180,16 +192,30 @@ def fit(v: ModelVersion, req, prompts: list[str], max_tokens: int | None, stops:
     if len(prompts) * req.n > max_batch_size:
         raise APIError(400, f"{len(prompts)} prompt(s) × n={req.n} completions exceed this server's "
                        f"max_batch_size={max_batch_size}", param="n")
-    ids = []
-    for p in prompts:
-        try:
-            tokens = v.tokenizer.encode(p)
-        except ValueError as e:  # e.g. a character outside a CharTokenizer's vocabulary
-            raise APIError(400, f"{param} cannot be tokenized: {e}", param=param)
-        ids.append(tokens[-(block_size - max_tokens):])  # crop: keep the most recent tokens
+    ids = [tokenize(v, p, param) for p in prompts]
+    if max_tokens is None:  # chat without max_tokens: whatever the context leaves, at least one token
+        max_tokens = max(1, min(block_size - 1, block_size - max(len(t) for t in ids)))
+    ids = [t[-(block_size - max_tokens):] for t in ids]  # crop: keep the most recent tokens
     temperature = 0.0 if req.temperature < MIN_TEMPERATURE else req.temperature  # greedy
+    top_p = max(req.top_p, MIN_TOP_P)  # below it, the nucleus is the top token anyway (protocol.py)
     return ids, SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=req.top_k,
-                               top_p=req.top_p, stop=tuple(stops), seed=req.seed)
+                               top_p=top_p, stop=tuple(stops), seed=req.seed)
+
+
+def tokenize(v: ModelVersion, prompt: str, param: str = "prompt") -> list[int]:
+    """A prompt's token ids; 413 past MAX_PROMPT_TOKENS (or MAX_PROMPT_CHARS, checked before the
+    tokenizer runs, so that counting costs nothing), 400 if the tokenizer cannot encode it."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise APIError(413, f"{param} is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,} "
+                       f"(and {MAX_PROMPT_TOKENS:,} tokens)", param=param, code="prompt_too_long")
+    try:
+        tokens = v.tokenizer.encode(prompt)
+    except ValueError as e:  # e.g. a character outside a CharTokenizer's vocabulary
+        raise APIError(400, f"{param} cannot be tokenized: {e}", param=param)
+    if len(tokens) > MAX_PROMPT_TOKENS:
+        raise APIError(413, f"{param} is {len(tokens):,} tokens; the limit is {MAX_PROMPT_TOKENS:,}",
+                       param=param, code="prompt_too_long")
+    return tokens
 
 
 # --- generation: in the engine ---------------------------------------------------------------------

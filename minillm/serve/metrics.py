@@ -13,7 +13,14 @@ Access logs: one JSON object per request on the `minillm.access` logger (stderr 
 
 Both are recorded by one ASGI middleware, which sees every response (errors and 404s included) and
 times it to its last byte; a handler adds what only it knows (model, version, tokens) to the ASGI
-scope under "minillm.log".
+scope under "minillm.log". The access-log line is written just before that last byte is sent, so a
+client that has its answer can already find the line; a request that never completes its answer
+(the client left) is written when it ends. Error lines (status ≥ 400) are rate-limited per path and
+status (serve/limits.py): past ERROR_LINES_PER_S a second they are counted, and the next line
+written carries "suppressed": N, so 5,000 clients timing out cannot flood the log.
+
+Label values are escaped as the text format requires (backslash, double quote, newline), so no
+model name can write a line of its own into /metrics.
 """
 
 from __future__ import annotations
@@ -22,10 +29,24 @@ import json
 import logging
 import time
 
+from minillm.serve.limits import RateLimitFilter
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 KNOWN_PATHS = GENERATION_PATHS + ("/v1/models", "/health", "/metrics", "/admin/models")
+ERROR_LINES_PER_S = 50  # access-log lines per second for one (path, error status); more are counted
 access_log = logging.getLogger("minillm.access")
+
+
+def label(value) -> str:
+    """A Prometheus label value, escaped: \\ → \\\\, " → \\", newline → \\n (the text format's rules)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def path_label(path: str) -> str:
+    """A request path as one of a bounded set of labels: the known paths, and "other"."""
+    path = "/admin/models" if path.startswith("/admin/models") else path
+    return path if path in KNOWN_PATHS else "other"
 
 
 class Metrics:
@@ -37,8 +58,7 @@ class Metrics:
         self.by_version: dict[tuple[str, str, int], int] = {}  # (model, version, code) -> requests
 
     def observe(self, path: str, code: int, seconds: float, info: dict | None = None) -> None:
-        path = "/admin/models" if path.startswith("/admin/models") else path
-        path = path if path in KNOWN_PATHS else "other"  # bounded label values
+        path = path_label(path)
         self.requests[(path, code)] = self.requests.get((path, code), 0) + 1
         if path in GENERATION_PATHS and code == 200:
             i = next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))
@@ -102,41 +122,62 @@ class Metrics:
         )
         for name, kind, help, value in per_version:
             out.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}"])
-            out.extend(f'{name}{{model="{v.name}",version="{v.version}"}} {value(v)}' for v in versions)
+            out.extend(f'{name}{{model="{label(v.name)}",version="{label(v.version)}"}} {value(v)}' for v in versions)
         out.extend(["# HELP minillm_model_requests_total Generation requests by model, version and status code.",
                     "# TYPE minillm_model_requests_total counter"])
         for (model, version, code), n in sorted(self.by_version.items()):
-            out.append(f'minillm_model_requests_total{{model="{model}",version="{version}",code="{code}"}} {n}')
+            out.append(f'minillm_model_requests_total{{model="{label(model)}",version="{label(version)}",'
+                       f'code="{code}"}} {n}')
         return "\n".join(out) + "\n"
 
 
 class MetricsMiddleware:
     """Plain ASGI middleware: counts every response by status, times it to its last byte, logs it."""
 
-    def __init__(self, app, metrics: Metrics, log_requests: bool = True):
+    def __init__(self, app, metrics: Metrics, log_requests: bool = True, limiter: RateLimitFilter | None = None):
         self.app, self.metrics, self.log_requests = app, metrics, log_requests
+        self.limiter = limiter or RateLimitFilter(per_key=ERROR_LINES_PER_S)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [500]
+        t0, status, done = time.perf_counter(), [500], [False]
         scope["minillm.log"] = info = {}
+
+        def record():  # once per request: metrics, then the access-log line
+            done[0] = True
+            code = 499 if scope.get("minillm.client_left") else status[0]
+            seconds = time.perf_counter() - t0
+            self.metrics.observe(scope["path"], code, seconds, info)
+            self.log(scope, code, seconds, info)
 
         async def send_and_record(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                record()  # before the last byte leaves: whoever has the answer can find the line
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            code = 499 if scope.get("minillm.client_left") else status[0]
-            seconds = time.perf_counter() - t0
-            self.metrics.observe(scope["path"], code, seconds, info)
-            if self.log_requests and access_log.isEnabledFor(logging.INFO):
-                access_log.info(json.dumps({"ts": round(time.time(), 3), "method": scope.get("method"),
-                                            "path": scope["path"], "status": code, **info,
-                                            "latency_ms": round(1000 * seconds, 1)}))
+            if not done[0]:  # the answer never completed (client gone, or an error before it)
+                record()
+
+    def log(self, scope, code: int, seconds: float, info: dict) -> None:
+        """The request's one JSON line on minillm.access; error lines are rate-limited per path and status."""
+        if not (self.log_requests and access_log.isEnabledFor(logging.INFO)):
+            return
+        line = {"ts": round(time.time(), 3), "method": scope.get("method"), "path": scope["path"],
+                "status": code, **info, "latency_ms": round(1000 * seconds, 1)}
+        if code >= 400:
+            key = (path_label(scope["path"]), code)
+            if not self.limiter.allow(key):
+                return
+            dropped = self.limiter.take_suppressed(key)
+            if dropped:
+                line["suppressed"] = dropped  # lines of this path and status not written since the last
+        access_log.info(json.dumps(line))
 
 
 def setup_access_log(fmt: str = "json") -> None:

@@ -8,8 +8,9 @@ version is one checkpoint, loaded once, with its own decode engine (minillm/gene
 
 Switching a name to a new checkpoint (POST /admin/models/NAME, or `Registry.switch`):
 
-    1. load it and warm it up (one token through the engine) OFF the request path: a checkpoint that
-       fails to load or to generate is refused, and the current version never stops serving;
+    1. load it and warm it up (a short forward pass whose logits must all be finite, then one token
+       through the engine) OFF the request path: a checkpoint that fails to load, gives NaN or inf,
+       or fails to generate is refused, and the current version never stops serving;
     2. point the name at it: every request that arrives from now on gets the new version;
     3. requests already admitted hold their version object and finish on it (its engine keeps
        running), so no request fails or changes model mid-way;
@@ -18,10 +19,14 @@ Switching a name to a new checkpoint (POST /admin/models/NAME, or `Registry.swit
 
 Step 2 is one assignment under a lock: a request sees either the old version or the new one, never
 a half-switched state. That is the whole trick of a blue/green switch inside one process.
+
+A switch only adds a new name when asked to (`create=True`), and never past `max_models` names:
+each name holds up to two loaded models, so an unbounded count is unbounded memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -31,6 +36,34 @@ from pathlib import Path
 from minillm.generate.batching import BatchEngine, EngineStats, SamplingParams
 
 EOS_TOKENS = ("<|endoftext|>", "</s>", "[EOS]", "<|end_of_text|>", "<|im_end|>")  # GPT-2 … Qwen2
+MAX_MODELS = 8  # model names one server holds, at most (each with up to two loaded versions)
+
+
+class TooManyModels(ValueError):
+    """A switch that would add a model name past the registry's max_models."""
+
+
+def check_finite_logits(model, path: str = "(in memory)", n_tokens: int = 8) -> None:
+    """A short forward pass (token ids 0..n_tokens-1); ValueError if any logit is NaN or inf.
+
+    A checkpoint whose weights are NaN (a diverged run, `distill --temperature=nan`, a bad
+    conversion) loads without complaint and even "generates": argmax over NaN logits picks token 0
+    forever. Its logits give it away at once, so every path that serves a checkpoint (start-up,
+    admin switch) runs this first."""
+    import itertools
+
+    import torch
+
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = tensor.device if tensor is not None else "cpu"
+    T = max(1, min(n_tokens, model.cfg.block_size))
+    idx = (torch.arange(T, device=device) % model.cfg.vocab_size).unsqueeze(0)  # (1, T)
+    with torch.no_grad():
+        out = model(idx)
+    logits = out[0] if isinstance(out, tuple) else out  # (1, T, V)
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(f"{path}: the warm-up forward pass gives non-finite logits (NaN or inf): its "
+                         f"weights are broken (a diverged run or a bad conversion?); refusing to serve it")
 
 
 @dataclass
@@ -77,9 +110,10 @@ class Registry:
     """Model names → (current, previous) versions. `load(path)` turns a path into a started engine."""
 
     def __init__(self, load, max_batch_size: int = 16, max_queue: int = 64, seed: int = 0,
-                 flat_decode: bool = False):
+                 flat_decode: bool = False, max_models: int = MAX_MODELS):
         self._load = load  # path -> (model, tokenizer, meta), e.g. checkpoint.load_model with a device
         self.max_batch_size, self.max_queue, self.seed = max_batch_size, max_queue, seed
+        self.max_models = max_models  # names a switch may grow the registry to (start-up may give more)
         self.flat_decode = flat_decode  # engines decode without the module tree (minillm.generate.flat)
         self._current: dict[str, ModelVersion] = {}
         self._previous: dict[str, ModelVersion] = {}
@@ -126,7 +160,8 @@ class Registry:
         eos = next((tokenizer.special_tokens[s] for s in EOS_TOKENS if s in getattr(tokenizer, "special_tokens", {})),
                    None)
         engine = BatchEngine(model, tokenizer, self.max_batch_size, self.max_queue, eos_id=eos, seed=self.seed,
-                             flat_decode=self.flat_decode)
+                             flat_decode=self.flat_decode)  # (refuses models it cannot decode, by name)
+        check_finite_logits(model, path)  # NaN weights are refused here, not served
         if start:
             engine.start()
             try:  # warm-up: the first forward pass allocates memory; a broken model fails here, not on a client
@@ -164,12 +199,21 @@ class Registry:
             if not v.engine.alive:
                 v.engine.start()
 
-    def switch(self, name: str, path: str) -> tuple[ModelVersion | None, ModelVersion]:
-        """Make `path` the current version of `name` (added if new); (old current, new current)."""
+    def switch(self, name: str, path: str, create: bool = False) -> tuple[ModelVersion | None, ModelVersion]:
+        """Make `path` the current version of `name`; (old current, new current).
+
+        A name not served yet is KeyError unless create=True, and TooManyModels past max_models
+        (checked before loading, and again before adding: two creations may race)."""
+        self._check_new_name(name, create)
         lock = self._switching.setdefault(name, threading.Lock())
         with lock:  # two admins switching one name at once: one after the other
             new = self.load_version(name, path)  # may raise: nothing has changed yet
             with self._lock:
+                try:
+                    self._check_new_name(name, create, locked=True)
+                except BaseException:
+                    new.engine.shutdown()
+                    raise
                 old, retired = self._current.get(name), self._previous.get(name)
                 self._current[name] = new
                 if old is not None:
@@ -177,6 +221,17 @@ class Registry:
             if retired is not None:
                 self._retire(retired)
             return old, new
+
+    def _check_new_name(self, name: str, create: bool, locked: bool = False) -> None:
+        """KeyError for an unknown name without create; TooManyModels for one past max_models."""
+        with contextlib.nullcontext() if locked else self._lock:
+            if name in self._current:
+                return
+            if not create:
+                raise KeyError(name)
+            if len(self._current) >= self.max_models:
+                raise TooManyModels(f"this server holds {len(self._current)} models, its limit "
+                                    f"(max_models={self.max_models}); no model {name!r} was added")
 
     def rollback(self, name: str) -> tuple[ModelVersion, ModelVersion]:
         """Swap current and previous: (the version rolled back from, the one now current)."""
