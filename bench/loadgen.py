@@ -4,6 +4,8 @@
     python -m bench.loadgen --checkpoint out/shakespeare --concurrency 1,4,16 --requests 128
     python -m bench.loadgen --url http://host:8000 --api-key KEY     an already-running server
     python -m bench.loadgen --out /tmp/load.json --plot /tmp/load.png
+    python -m bench.loadgen --scenario heavy     12 normal clients, alone and beside one heavy client
+    python -m bench.loadgen --scenario slow      12 normal clients, alone and beside 5,000 slow connections
 
 Needs the serve extra (pip install 'minillm[serve]'). A load generator, not a test module: the
 benchmark that uses it under pytest is bench/test_serve_load.py.
@@ -17,6 +19,9 @@ requests/s at 16 clients ≥ 4× requests/s at 1 client.
 
 Client and server share the machine: on a small CPU the client's own work is part of the result.
 A figure is only worth keeping from a quiet machine; the JSON records the load average around the run.
+
+`--scenario heavy|slow` replays issue 29's reliability probe instead (bench/probe.py): 12 normal
+clients alone and beside one heavy client, or beside 5,000 slow connections.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -67,8 +73,9 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def serve(checkpoint: str | Path, max_batch_size: int = 16, max_queue: int = 256,
-          extra_args: tuple[str, ...] = (), startup_timeout: float = 120.0):
-    """Run `minillm serve` in a subprocess on a free port; yields its base URL, stops it after."""
+          extra_args: tuple[str, ...] = (), startup_timeout: float = 120.0, log_stats: dict | None = None):
+    """Run `minillm serve` in a subprocess on a free port; yields its base URL, stops it after.
+    `log_stats`, if given, receives the size of the server's log and its count of tracebacks."""
     port = _free_port()
     cmd = [sys.executable, "-m", "minillm.cli", "serve", str(checkpoint), f"--port={port}",
            f"--max_batch_size={max_batch_size}", f"--max_queue={max_queue}", "--log-level=warning",
@@ -94,6 +101,11 @@ def serve(checkpoint: str | Path, max_batch_size: int = 16, max_queue: int = 256
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        if log_stats is not None:
+            log.seek(0)
+            text = log.read()
+            log_stats.update(log_bytes=len(text.encode()), log_lines=text.count("\n"),
+                             tracebacks=text.count("Traceback (most recent call last)"))
         log.close()
 
 
@@ -102,10 +114,16 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
 
 
-async def _load(url: str, concurrency: int, n_requests: int, body: dict, headers: dict) -> dict:
+async def _load(url: str, concurrency: int, n_requests: int, body: dict, headers: dict,
+                seconds: float | None = None, keep_latencies: bool = False) -> dict:
+    """`n_requests` completions through `concurrency` clients; or, given `seconds`, as many as they
+    send in that time."""
     latencies: list[float] = []
     tokens, errors, messages = 0, 0, []
-    next_request = iter(range(n_requests))  # shared: each client takes the next one when free
+    deadline = time.perf_counter() + seconds if seconds else None
+    # shared: each client takes the next one when free
+    next_request = iter(range(n_requests)) if deadline is None else \
+        itertools.takewhile(lambda _: time.perf_counter() < deadline, itertools.count())
 
     async def client(http: httpx.AsyncClient):
         nonlocal tokens, errors
@@ -131,7 +149,8 @@ async def _load(url: str, concurrency: int, n_requests: int, body: dict, headers
         seconds = time.perf_counter() - t0
     latencies.sort()
     return {
-        "concurrency": concurrency, "requests": n_requests, "ok": len(latencies), "errors": errors,
+        **({"_latencies": latencies} if keep_latencies else {}),
+        "concurrency": concurrency, "requests": len(latencies) + errors, "ok": len(latencies), "errors": errors,
         "error_messages": messages, "seconds": seconds,
         "requests_per_s": len(latencies) / seconds, "tokens_per_s": tokens / seconds,
         "latency_p50_s": _percentile(latencies, 0.50) if latencies else None,
@@ -203,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per completion")
     p.add_argument("--max-batch-size", type=int, default=16, help="server's batch rows (when started here)")
     p.add_argument("--threads", type=int, default=None, help="server's torch threads (when started here)")
+    p.add_argument("--scenario", default="sweep", choices=["sweep", "heavy", "slow"],
+                   help="sweep the concurrency levels, or replay issue 29's probe (bench/probe.py)")
+    p.add_argument("--normal", type=int, default=12, help="normal clients in a scenario")
+    p.add_argument("--seconds", type=float, default=20.0, help="seconds beside the attacker, and as long alone (half before, half after)")
+    p.add_argument("--slow", type=int, default=5000, help="slow connections in the 'slow' scenario")
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument("--plot", help="save a throughput / latency plot (PNG) here")
     args = p.parse_args(argv)
@@ -211,17 +235,37 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import machine_info
     summary = {"machine": machine_info(), "load_average_before": os.getloadavg()}
     summary["device"] = summary["machine"]["device"]
+    if args.scenario == "slow":  # this process holds the 5,000 connections: one descriptor each
+        from minillm.serve.limits import raise_open_file_limit
+        raise_open_file_limit(args.slow + 256)
+    log_stats: dict = {}
     with contextlib.ExitStack() as stack:
         url = args.url
         if url is None:
             ckpt = args.checkpoint or tiny_checkpoint(stack.enter_context(tempfile.TemporaryDirectory()))
             extra = (f"--threads={args.threads}",) if args.threads else ()
-            url = stack.enter_context(serve(ckpt, args.max_batch_size, extra_args=extra))
+            url = stack.enter_context(serve(ckpt, args.max_batch_size, extra_args=extra, log_stats=log_stats))
             summary["server"] = {"checkpoint": str(args.checkpoint or "random tiny preset"),
                                  "max_batch_size": args.max_batch_size, "threads": args.threads}
-        print(f"load test against {url}: {args.requests} requests × {args.max_tokens} tokens per level")
-        summary.update(sweep(url, levels, args.requests, args.max_tokens, args.api_key))
+        if args.scenario != "sweep":
+            print(f"scenario {args.scenario} against {url}: {args.normal} clients, {args.seconds:g} s alone, "
+                  f"then {args.seconds:g} s beside the attacker")
+            from bench.probe import scenario
+            summary.update(scenario(url, args.scenario, args.normal, args.seconds, args.max_tokens, args.slow,
+                                    args.api_key))
+        else:
+            print(f"load test against {url}: {args.requests} requests × {args.max_tokens} tokens per level")
+            summary.update(sweep(url, levels, args.requests, args.max_tokens, args.api_key))
+    summary["server_log"] = log_stats
     summary["load_average_after"] = os.getloadavg()
+    if args.scenario != "sweep":
+        print(f"server log: {log_stats}; load average {summary['load_average_before'][0]:.1f} -> "
+              f"{summary['load_average_after'][0]:.1f} on {os.cpu_count()} cores")
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(summary, indent=2))
+            print(f"wrote {args.out}")
+        return 1 if summary["baseline"]["errors"] or summary["attacked"]["errors"] else 0
     errors = sum(r["errors"] for r in summary["results"])
     last = summary["results"][-1]
     print(f"{last['concurrency']} clients vs {levels[0]}: {last['speedup_vs_first']:.2f}× requests/s; "
