@@ -137,17 +137,22 @@ def _check_names(f: GGUFFile, wanted: dict[str, tuple[str, ...]], n_layer: int) 
         raise GGUFError(f"{f.path}: tensor {name!r} is {why}; minillm cannot run this model")
 
 
+DEFAULT_CONTEXT = 2048  # tokens of context load_gguf keeps unless told otherwise (block_size=...)
+
+
 @torch.no_grad()
 def load_gguf(path: str | Path, **config_overrides) -> tuple[CausalLM, dict]:
     """(CausalLM with fp32 weights, info) from a llama GGUF file.
 
-    config_overrides: ModelConfig fields that do not alter the weights, e.g. block_size=2048 (the
-    default is the file's context_length: the longest context the model was trained for) or
-    attention="sdpa". info: {"model": the ModelConfig as a dict, "gguf": {path, version,
+    config_overrides: ModelConfig fields that do not alter the weights, e.g. block_size=8192 or
+    attention="sdpa". block_size defaults to the file's context_length (the longest context the
+    model was trained for) capped at DEFAULT_CONTEXT: each token of context costs KV-cache memory,
+    and the written-out attention's (T, T) scores at T = 8192 take gigabytes per head and batch row. info: {"model": the ModelConfig as a dict, "gguf": {path, version,
     architecture, name, tensor_types (type name -> count), metadata (every key, tokenizer's included)}}.
     """
     f = read_gguf(path)
     cfg = llama_config(f)
+    cfg = dataclasses.replace(cfg, block_size=min(cfg.block_size, DEFAULT_CONTEXT))  # an override may raise it
     try:
         cfg = dataclasses.replace(cfg, **config_overrides)
     except (TypeError, ValueError) as e:
