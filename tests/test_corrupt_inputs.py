@@ -20,7 +20,6 @@ which is replaced by a stub here, so no server ever starts).
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil

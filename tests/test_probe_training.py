@@ -29,7 +29,7 @@ from minillm.evaluate.classification import classification_report, format_report
 from minillm.finetune.config import FinetuneConfig
 from minillm.model.config import ModelConfig
 from minillm.train import TrainConfig, train
-from minillm.weights.checkpoint import (CHECKPOINTS_DIR, MODEL_FILE, latest_checkpoint, load_model, step_folder,
+from minillm.weights.checkpoint import (MODEL_FILE, latest_checkpoint, load_model, step_folder,
                                         step_folders, write_manifest)
 
 TEXT = ("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"

@@ -154,7 +154,7 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, corpus):
                                            max_iters=6), corpus, progress=False)
     losses_big, _ = read_metrics(big["out_dir"])
     losses_acc, _ = read_metrics(acc["out_dir"])
-    torch.testing.assert_close(torch.tensor([l for _, l in losses_acc]), torch.tensor([l for _, l in losses_big]),
+    torch.testing.assert_close(torch.tensor([loss for _, loss in losses_acc]), torch.tensor([loss for _, loss in losses_big]),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -207,7 +207,7 @@ def test_training_with_builtin_ops_follows_the_readable_path(tmp_path, corpus):
     runs = [train(small_model(), small_train(tmp_path, f"b{flag}", builtin_ops=flag, max_iters=6), corpus,
                   progress=False) for flag in (False, True)]
     (a, _), (b, _) = (read_metrics(r["out_dir"]) for r in runs)
-    torch.testing.assert_close(torch.tensor([l for _, l in b]), torch.tensor([l for _, l in a]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor([loss for _, loss in b]), torch.tensor([loss for _, loss in a]), rtol=1e-4, atol=1e-4)
 
 
 # --- the command line -------------------------------------------------------------------------------
