@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import queue
 import random
 import time
 
@@ -165,7 +166,12 @@ def attacker(kind: str, url: str, n_slow: int, headers: dict, ramp_s: float):
         yield figures
     finally:
         stop.set()
-        figures.update(results.get(timeout=120))
+        for _ in range(120):  # its figures, unless it died (then its traceback is on stderr)
+            with contextlib.suppress(queue.Empty):
+                figures.update(results.get(timeout=1.0))
+                break
+            if not proc.is_alive():
+                raise RuntimeError(f"the {kind} attacker's process ended with exit code {proc.exitcode}")
         proc.join(timeout=30)
 
 
