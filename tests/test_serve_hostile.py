@@ -11,7 +11,6 @@ uvicorn server in a thread on a free port, as tests/test_serve.py does.
 """
 
 import asyncio
-import os
 import socket
 import string
 import threading

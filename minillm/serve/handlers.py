@@ -161,7 +161,7 @@ def prepare_completion(v: ModelVersion, req: CompletionRequest, max_batch_size: 
 def prepare_chat(v: ModelVersion, req: ChatRequest, max_batch_size: int):
     """The same for a chat: the messages become one prompt, and the template adds its stop strings."""
     try:
-        prompt, template_stops = chat_prompt([m.model_dump() for m in req.messages], v.meta.get("instruct"))
+        prompt, template_stops = chat_prompt([m.model_dump() for m in req.messages], v.meta.get("instruct"), v.tokenizer)
     except ValueError as e:
         raise APIError(400, str(e), param="messages")
     return fit(v, req, [prompt], req.max_completion_tokens or req.max_tokens,
