@@ -14,6 +14,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from minillm.weights.checkpoint import load_model  # noqa: E402
 from minillm.cli import main  # noqa: E402
 from minillm.generate.sampling import generate  # noqa: E402
+from tests.helpers import write_bpe_tokenizer_json  # noqa: E402
 
 TEXT = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n"] * 20
 
@@ -21,13 +22,7 @@ TEXT = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("smol")
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXT, trainer)
-    tok.save(str(folder / "tokenizer.json"))
+    write_bpe_tokenizer_json(folder, TEXT)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,

@@ -27,6 +27,7 @@ from minillm.cli import main  # noqa: E402
 from minillm.model.config import ModelConfig  # noqa: E402
 from minillm.train import TrainConfig, train  # noqa: E402
 from minillm.weights.checkpoint import load_model, step_folder, write_manifest  # noqa: E402
+from tests.helpers import write_bpe_tokenizer_json  # noqa: E402
 
 TEXT = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n"] * 20
 
@@ -34,13 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def tokenizer_json(folder: Path) -> None:
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXT, trainer)
-    tok.save(str(folder / "tokenizer.json"))
+    write_bpe_tokenizer_json(folder, TEXT)
 
 
 @pytest.fixture(scope="module")

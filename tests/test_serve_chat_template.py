@@ -11,15 +11,13 @@ import torch
 from minillm.data.tokenizer_gguf import GGUFTokenizer, bytes_to_unicode
 from minillm.model.config import ModelConfig
 from minillm.model.transformer import build_model
+from tests.helpers import SMOLLM2_TEMPLATE
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 transformers = pytest.importorskip("transformers")
 
-SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-           "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-           "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SMOLLM2 = SMOLLM2_TEMPLATE
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],

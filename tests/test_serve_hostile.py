@@ -14,7 +14,6 @@ import asyncio
 import socket
 import string
 import threading
-import time
 
 import httpx
 import pytest
@@ -29,6 +28,7 @@ from minillm.generate.sampling import generate_text, sample_next
 from minillm.model.config import ModelConfig
 from minillm.model.transformer import CausalLM
 from minillm.serve.api import MAX_BODY_BYTES, build_app
+from tests.helpers import running
 
 KEY = "ключ-🔑 with spaces"  # not ASCII: compared as UTF-8 bytes
 AUTH = {"Authorization": b"Bearer " + KEY.encode()}  # httpx sends str header values as ASCII only
@@ -71,17 +71,10 @@ def server(tiny):
                     cors_origins=[GOOD_ORIGIN])
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="critical",
                                         ws="none"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{srv.config.port}"
+        with running(srv):
+            yield f"http://127.0.0.1:{srv.config.port}"
     finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
         torch.set_num_threads(n_threads)
 
 

@@ -53,6 +53,7 @@ from minillm.serve.api import (MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from minillm.serve.metrics import Metrics, MetricsMiddleware  # noqa: E402
 from minillm.serve.registry import Registry  # noqa: E402
 from minillm.weights.checkpoint import load_model, save_model, write_manifest  # noqa: E402
+from tests.helpers import running  # noqa: E402
 
 ADMIN = "adm1n"
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -206,17 +207,10 @@ def real_server(root):
     logging.getLogger("minillm.access").addHandler(access)
     logging.getLogger("minillm.access").setLevel(logging.INFO)
     logging.getLogger("uvicorn.error").addHandler(errors)  # (after the Config: it sets uvicorn's loggers up)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
     try:
-        yield "127.0.0.1", config.port, access.records, errors.records
+        with running(srv):
+            yield "127.0.0.1", config.port, access.records, errors.records
     finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
         logging.getLogger("minillm.access").removeHandler(access)
         logging.getLogger("uvicorn.error").removeHandler(errors)
 
