@@ -20,9 +20,11 @@ loops or floods is a one-line ChatTemplateError.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import time
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 
 MAX_RANGE = 100_000      # items that range() may produce while rendering one prompt, all calls together
@@ -34,7 +36,12 @@ class ChatTemplateError(ValueError):
     """The template could not render these messages; one line saying why."""
 
 
-def _environment(budget: dict):
+# what range() may still produce while the current prompt renders (one budget per render, per thread)
+_RANGE_LEFT: contextvars.ContextVar[int] = contextvars.ContextVar("range_left", default=MAX_RANGE)
+
+
+@lru_cache(maxsize=1)
+def _environment():
     """A sandboxed Jinja environment configured as transformers configures it, plus our bounds."""
     try:
         import jinja2
@@ -51,9 +58,10 @@ def _environment(budget: dict):
 
     def bounded_range(*args):
         r = range(*args)
-        budget["range"] -= len(r)
-        if budget["range"] < 0:
+        left = _RANGE_LEFT.get() - len(r)
+        if left < 0:
             raise ChatTemplateError(f"the chat template asked range() for more than {MAX_RANGE} items")
+        _RANGE_LEFT.set(left)
         return r
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
@@ -61,6 +69,17 @@ def _environment(budget: dict):
     env.globals.update(raise_exception=raise_exception, range=bounded_range,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str):
+    """A template compiled once (a server renders the same one for every chat request)."""
+    import jinja2
+
+    try:
+        return _environment().from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"the chat template does not parse (line {e.lineno}): {e.message}") from None
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True,
@@ -72,11 +91,8 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     extra template variables (as apply_chat_template's), e.g. enable_thinking=False."""
     import jinja2
 
-    budget = {"range": MAX_RANGE}
-    try:
-        compiled = _environment(budget).from_string(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"the chat template does not parse (line {e.lineno}): {e.message}") from None
+    compiled = _compile(template)
+    _RANGE_LEFT.set(MAX_RANGE)
     variables = {**(special_tokens or {}), **kwargs, "messages": messages, "tools": tools,
                  "documents": documents, "add_generation_prompt": add_generation_prompt}
     pieces, size, start = [], 0, time.perf_counter()
