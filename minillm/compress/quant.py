@@ -58,33 +58,43 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str,
-                 group_size: int = 128, backend: str = "reference", device=None, dtype=torch.float32):
+                 group_size: int | None = None, backend: str = "reference", device=None, dtype=torch.float32):
+        """group_size: int4's group (None = 128); for int8, None = one scale per output channel and
+        G = one scale per group of G inputs (GGUF's Q8_0 is int8 with G = 32). Scales and zeros may
+        later be replaced by tensors of another float dtype (e.g. fp32 in a bf16 model): every
+        backend reads them in fp32."""
         super().__init__()
         if scheme not in SCHEMES:
             raise ValueError(f"unknown quantization scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
         N, K = out_features, in_features
         self.in_features, self.out_features, self.scheme = K, N, scheme
-        self.group_size = group_size if scheme == "int4" else None
+        G = self.group_size = (group_size or 128) if scheme == "int4" else group_size
+        if G is not None:
+            check_group(K, G)
         if scheme == "int8":
             self.register_buffer("weight_q", torch.zeros(N, K, dtype=torch.int8, device=device))
-            self.register_buffer("scales", torch.ones(N, dtype=dtype, device=device))
+            scale_shape = (N,) if G is None else (N, K // G)  # per output channel, or per group
+            self.register_buffer("scales", torch.ones(scale_shape, dtype=dtype, device=device))
             self.zeros = None
         else:
-            check_group(K, group_size)
             self.register_buffer("weight_q", torch.zeros(N, K // 2, dtype=torch.uint8, device=device))
-            self.register_buffer("scales", torch.ones(N, K // group_size, dtype=dtype, device=device))
-            self.register_buffer("zeros", torch.zeros(N, K // group_size, dtype=dtype, device=device))
+            self.register_buffer("scales", torch.ones(N, K // G, dtype=dtype, device=device))
+            self.register_buffer("zeros", torch.zeros(N, K // G, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(N, dtype=dtype, device=device) if bias else None)
         self.set_backend(backend)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int = 128,
-                    backend: str | None = None) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None = 128,
+                    backend: str | None = None, *, int8_groups: bool = False) -> "QuantLinear":
+        """Quantize an nn.Linear. `group_size` is int4's group; int8 stays per output channel unless
+        int8_groups=True (then it is int8's group too)."""
         w = linear.weight.detach()
         backend = backend or default_backend(w.device)
+        if scheme == "int8" and not int8_groups:
+            group_size = None
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, group_size,
                   backend, device=w.device, dtype=w.dtype)
-        for name, t in quantize(w, scheme, group_size).items():
+        for name, t in quantize(w, scheme, group_size, int8_groups=int8_groups).items():
             getattr(mod, name).copy_(t)
         if linear.bias is not None:
             mod.bias.copy_(linear.bias.detach())
@@ -99,6 +109,9 @@ class QuantLinear(nn.Module):
                 raise ValueError("backend='triton' runs on CUDA: move the model to the GPU first, then "
                                  "set the backend (or set TRITON_INTERPRET=1 before importing triton to "
                                  "run the kernels slowly on CPU)")
+            if self.scheme == "int8" and self.scales.dim() == 2:
+                raise ValueError("backend='triton' runs int8 with one scale per output channel only; "
+                                 "grouped int8 (e.g. a GGUF's Q8_0) runs on 'reference' or 'cpu'")
             self._kernel = quant_matmul.quant_matmul
         self.backend = backend
 
@@ -139,8 +152,9 @@ class QuantEmbedding(nn.Module):
         return w.reshape(*idx.shape, -1)
 
 
-def quantize_model(model: nn.Module, scheme: str, group_size: int = 128, include_embeddings: bool = False,
-                   include_head: bool = False, backend: str | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, scheme: str, group_size: int | None = 128, include_embeddings: bool = False,
+                   include_head: bool = False, backend: str | None = None, *,
+                   int8_groups: bool = False) -> nn.Module:
     """Swap the model's nn.Linear layers for QuantLinear, in place; returns the model.
 
     The output head (`lm_head` / `decoder`) and the token embedding stay in floating point unless
@@ -149,6 +163,8 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 128, include
     so they are quantized together (both flags) or not at all: quantizing one side only would keep
     the float table and add a quantized copy — more bytes, not fewer.
     `backend` None picks per layer: "triton" on CUDA with triton installed, else "reference".
+    `group_size` is int4's group (None = 128); int8 keeps one scale per output channel unless
+    `int8_groups=True`, which gives it one scale per group of `group_size` inputs.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
@@ -167,17 +183,21 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 128, include
             if isinstance(child, nn.Linear) and not (parent is model and name in skip):
                 if tied and child is head:
                     continue  # done below, together with the embedding
-                setattr(parent, name, QuantLinear.from_linear(child, scheme, group_size, backend))
+                setattr(parent, name, QuantLinear.from_linear(child, scheme, group_size, backend,
+                                                              int8_groups=int8_groups))
     if include_embeddings:
         as_linear = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device=emb.weight.device,
                               dtype=emb.weight.dtype)
         as_linear.weight = emb.weight  # the (V, C) table read as a Linear's (N, K) weight
-        table = QuantLinear.from_linear(as_linear, scheme, group_size, backend)
+        table = QuantLinear.from_linear(as_linear, scheme, group_size, backend, int8_groups=int8_groups)
         model.transformer.tok_emb = QuantEmbedding(table)
         if tied:
             setattr(model, head_name, table)  # one set of codes serves the lookup and the head
-    model.quant_config = dict(scheme=scheme, group_size=group_size if scheme == "int4" else None,
+    grouped = scheme == "int4" or int8_groups
+    model.quant_config = dict(scheme=scheme, group_size=(group_size or 128) if grouped else None,
                               include_embeddings=include_embeddings, include_head=include_head)
+    if scheme == "int8" and int8_groups:
+        model.quant_config["int8_groups"] = True  # read back by weights/checkpoint.py's load_model
     return model
 
 
