@@ -39,6 +39,7 @@ QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
 # lists them). smollm and the starcoder family split digits one by one before GPT-2's pattern.
 PRE_TOKENIZERS: dict[str, list[str]] = {
     "gpt2": [GPT2_SPLIT],
+    "gpt-2": [GPT2_SPLIT],  # llama.cpp's name for GPT-2's split (what gguf_write.py writes)
     "default": [GPT2_SPLIT],
     "smollm": [r"\p{N}", GPT2_SPLIT],
     "starcoder": [r"\p{N}", GPT2_SPLIT],
@@ -189,6 +190,17 @@ class GGUFTokenizer:
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict(), indent=None, sort_keys=False)
+
+    def to_hf_json(self) -> str:
+        """This tokenizer as a Hugging Face tokenizer.json: the same vocabulary and merges (already
+        spelled with GPT-2's byte table), each regex of the `pre` as a Split pre-tokenizer in turn,
+        the control tokens as added special tokens. convert_hf_to_gguf.py goes the other way."""
+        from minillm.data.tokenizer_hf import bpe_tokenizer_json
+
+        if len(self.ids) != len(self.tokens):
+            raise ValueError("two ids of this GGUF vocabulary are the same string; a tokenizer.json cannot hold both")
+        merges = [tuple(m.split(" ", 1)) for m in self.merges]
+        return bpe_tokenizer_json(dict(self.ids), merges, self.special_tokens, PRE_TOKENIZERS[self.pre])
 
     def __repr__(self) -> str:
         return f"GGUFTokenizer(vocab_size={self.vocab_size}, pre={self.pre!r}, specials={len(self.special_tokens)})"
