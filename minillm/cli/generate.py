@@ -54,7 +54,7 @@ def cmd_generate(args, overrides: list[str]) -> int:
     stop, instruct = list(args.stop or []), meta.get("instruct") if not args.raw else None
     if instruct:  # an instruction-tuned model: prompt in its template, stop where its responses end
         given = _unescape(args.input) if args.escapes else args.input
-        prompts = [format_prompt(p, given, instruct["template"]) for p in prompts]
+        prompts = [format_prompt(p, given, instruct["template"], tok) for p in prompts]
         stop.append(instruct["end"])
     if args.chat:  # the model's own chat template (GGUF / HF tokenizer_config.json): each prompt is a user turn
         rendered = [chat_prompt_for(tok, ([{"role": "system", "content": args.system}] if args.system else [])

@@ -27,7 +27,8 @@ class FinetuneConfig:
     dev_fraction: float = 0.1  # held-out share when a file has no separate dev file
     text_column: str = "text"  # column/key of the text in a local file (SST-2's is "sentence", set for you)
     label_column: str = "label"  # column/key of the label: integers, or strings (mapped in sorted order)
-    template: str = "alpaca"  # instruct: the prompt format, see finetune/instruct.py
+    template: str = "alpaca"  # instruct: the prompt format (alpaca, plain, or chat = the tokenizer's own chat
+    #                           template, for instruct models such as SmolLM2), see finetune/instruct.py
     pooling: str = "auto"  # classify: which vector the head reads. auto = [CLS] for an encoder whose tokenizer
     #                        has it, else the mean of the tokens; the last token for a decoder. "mean" helps an
     #                        encoder whose pre-training never taught [CLS] anything (NSP still at chance)

@@ -11,6 +11,11 @@ which tokens the loss counts:
         prompts, only to answer them, and to stop (the end marker is what generation stops at)
       → dev: the same masked loss, and greedy answers scored by exact match and ROUGE-L F1
 
+Template "chat" uses the model's own chat template instead (an instruct model such as SmolLM2 was
+tuned on it: the instruction becomes a user message, the response the assistant's turn, and the end
+marker is the end-of-turn token the template closes turns with, <|im_end|> for ChatML). A model tuned
+this way answers in `minillm chat` exactly as it was taught.
+
     >>> result = finetune_instruct(lm, tok, FinetuneConfig(task="instruct", data="alpaca-1100", lora_rank=8))
     >>> answer(result["model"], tok, "Give the opposite of \"hot\".")
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from minillm.data.chat_template import chat_prompt_for
 from minillm.data.tasks import instruction_records, split_records
 from minillm.evaluate.rouge import rouge_scores
 from minillm.finetune.classify import pad_id
@@ -40,30 +46,53 @@ EOS_TOKENS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|end_of_text|>")  # GPT-2
 END = "\n###"  # the end marker of a tokenizer without one: a char-level model can learn to write it
 
 
-def format_prompt(record_or_instruction, input: str = "", template: str = "alpaca") -> str:
-    """The prompt of a record (a dict with "instruction" and optional "input") or of an instruction."""
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown instruction template {template!r}; choose one of {', '.join(TEMPLATES)}")
+CHAT = "chat"  # the template name that means "the tokenizer's own chat template"
+
+
+def format_prompt(record_or_instruction, input: str = "", template: str = "alpaca", tokenizer=None) -> str:
+    """The prompt of a record (a dict with "instruction" and optional "input") or of an instruction.
+    Template "chat" renders one user message in the tokenizer's chat template (the input, if any, on
+    its own paragraph after the instruction), ending where the assistant's answer begins."""
+    if template not in TEMPLATES and template != CHAT:
+        raise ValueError(f"unknown instruction template {template!r}; choose one of "
+                         f"{', '.join((*TEMPLATES, CHAT))}")
     if isinstance(record_or_instruction, dict):
         instruction, input = record_or_instruction["instruction"], record_or_instruction.get("input", "")
     else:
         instruction = record_or_instruction
+    if template == CHAT:
+        message = instruction + (f"\n\n{input}" if input else "")
+        return _chat(tokenizer, [{"role": "user", "content": message}])[0]
     section = INPUT_SECTION[template].format(input=input) if input else ""
     return TEMPLATES[template].format(instruction=instruction, input=section)
 
 
-def end_marker(tokenizer) -> str:
-    """The text that ends a response: the tokenizer's end-of-text token if it has one, else END."""
+def _chat(tokenizer, messages: list[dict]) -> tuple[str, list[str]]:
+    rendered = chat_prompt_for(tokenizer, messages) if tokenizer is not None else None
+    if rendered is None:
+        raise ValueError("template 'chat' needs a tokenizer with a chat template (an instruct GGUF or Hugging "
+                         "Face folder, e.g. smollm2-135m-instruct); use template=alpaca or plain otherwise")
+    return rendered
+
+
+def end_marker(tokenizer, template: str = "alpaca") -> str:
+    """The text that ends a response: for template "chat", the end-of-turn token of the chat template;
+    otherwise the tokenizer's end-of-text token if it has one, else END."""
+    if template == CHAT:
+        stops = _chat(tokenizer, [{"role": "user", "content": "hi"}])[1]
+        if stops and stops[0] in tokenizer.special_tokens:
+            return stops[0]
+        raise ValueError("template 'chat' needs a tokenizer whose eos token closes the chat template's turns")
     return next((s for s in EOS_TOKENS if s in tokenizer.special_tokens), END)
 
 
-def response_stop(tokenizer) -> list[str]:
+def response_stop(tokenizer, template: str = "alpaca") -> list[str]:
     """Stop strings for generate_text: a special token decodes to its own text, so one list serves both."""
-    return [end_marker(tokenizer)]
+    return [end_marker(tokenizer, template)]
 
 
-def _end_ids(tokenizer) -> list[int]:
-    marker = end_marker(tokenizer)
+def _end_ids(tokenizer, template: str = "alpaca") -> list[int]:
+    marker = end_marker(tokenizer, template)
     if marker in tokenizer.special_tokens:
         return [tokenizer.special_tokens[marker]]
     return tokenizer.encode(END, allowed_special="none")
@@ -91,8 +120,8 @@ def encode_example(record: dict, tokenizer, block_size: int, template: str = "al
     window (a long prompt cannot starve it of targets), the prompt keeps the rest from its end (the
     "### Response:" line the answer follows, as generation's crop to the last block_size tokens would
     see it), and the response loses its own end, so the end marker goes too."""
-    prompt = _encode(format_prompt(record, template=template), tokenizer, where)
-    response = _encode(record["output"], tokenizer, where) + _end_ids(tokenizer)
+    prompt = _encode(format_prompt(record, template=template, tokenizer=tokenizer), tokenizer, where)
+    response = _encode(record["output"], tokenizer, where) + _end_ids(tokenizer, template)
     room = block_size + 1
     if len(prompt) + len(response) <= room:
         return prompt + response, len(prompt), False
@@ -148,8 +177,8 @@ def answer(model, tokenizer, instruction: str, input: str = "", template: str = 
            max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
            generator: torch.Generator | None = None) -> str:
     """The model's response to one instruction: greedy by default, cut at the end marker."""
-    stops = [end] if isinstance(end, str) else list(end or response_stop(tokenizer))
-    [text] = generate_text(model, tokenizer, [format_prompt(instruction, input, template)], max_new_tokens,
+    stops = [end] if isinstance(end, str) else list(end or response_stop(tokenizer, template))
+    [text] = generate_text(model, tokenizer, [format_prompt(instruction, input, template, tokenizer)], max_new_tokens,
                            temperature=temperature, top_k=top_k, generator=generator, stop=stops)
     return text
 
@@ -164,13 +193,15 @@ def evaluate(model, tokenizer, records: list[dict], rows, cfg: FinetuneConfig, d
         chunk = records[i:i + batch_size]
         # room for the longest reference and then some: an answer that runs on is scored as it is
         longest = max(len(_encode(r["output"], tokenizer, "dev")) for r in chunk)
-        generated += generate_text(model, tokenizer, [format_prompt(r, template=cfg.template) for r in chunk],
+        generated += generate_text(model, tokenizer,
+                                   [format_prompt(r, template=cfg.template, tokenizer=tokenizer) for r in chunk],
                                    min(longest + 16, block_size), temperature=0.0,
-                                   stop=response_stop(tokenizer))
+                                   stop=response_stop(tokenizer, cfg.template))
     refs = [r["output"] for r in records]
     exact = sum(g.strip() == ref.strip() for g, ref in zip(generated, refs)) / len(refs)
     rouge = sum(rouge_scores(ref, g, types=("rougeL",))["rougeL"].fmeasure for g, ref in zip(generated, refs))
-    samples = [{"prompt": format_prompt(r, template=cfg.template), "generated": g, "reference": r["output"]}
+    samples = [{"prompt": format_prompt(r, template=cfg.template, tokenizer=tokenizer), "generated": g,
+                "reference": r["output"]}
                for r, g in zip(records[:3], generated)]
     return {"val_loss": dev_loss(model, rows, pad, device), "val_exact_match": exact,
             "val_rougeL": rouge / len(refs), "samples": samples}
@@ -201,7 +232,7 @@ def finetune_instruct(lm, tokenizer, cfg: FinetuneConfig, *, base: str = "", dev
     model = (fresh_copy(lm, cfg.seed) if cfg.reinit else lm).to(device)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices
     counts = choose_trainable(model, cfg, head=[])  # no new head: LoRA trains nothing but its adapters
-    end = end_marker(tokenizer)
+    end = end_marker(tokenizer, cfg.template)
     say(f"instruction tuning ({cfg.mode}, template {cfg.template!r}, end {end!r}): {counts['trainable']:,} of "
         f"{counts['total']:,} parameters train; {len(train_rows):,} train / {len(dev_rows):,} dev records of {source}")
     pad = pad_id(tokenizer)
