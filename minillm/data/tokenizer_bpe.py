@@ -287,6 +287,32 @@ class BPETokenizer(SpecialTokens):
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict(), indent=None, sort_keys=False)
 
+    def to_hf_json(self) -> str:
+        """This tokenizer as a Hugging Face tokenizer.json (the `tokenizers` library's byte-level BPE).
+
+        The same ids: id i is spelled with GPT-2's byte table (the 256 byte ids first, "Ġ" for a
+        space), each merge (a, b) becomes the pair of those spellings in the same order, and the split
+        regex becomes a Split pre-tokenizer. Refused when the result could differ: unused ids
+        (special tokens placed at chosen ids), or two ids that spell the same bytes (a vocabulary
+        keyed by string can hold only one of them).
+        """
+        from minillm.data.tokenizer_gguf import bytes_to_unicode
+        from minillm.data.tokenizer_hf import bpe_tokenizer_json
+
+        if None in self.vocab:
+            raise ValueError("this BPE tokenizer has unused ids below its special tokens; a tokenizer.json "
+                             "vocabulary has no gaps")
+        table = bytes_to_unicode()
+        spell = ["".join(table[b] for b in token) for token in self.vocab[:256 + len(self.merges)]]
+        vocab = {s: i for i, s in enumerate(spell)}
+        if len(vocab) != len(spell):
+            raise ValueError("two ids of this BPE tokenizer spell the same bytes (merged in different orders); "
+                             "a tokenizer.json vocabulary is keyed by string and cannot hold both")
+        vocab.update(self.special_tokens)
+        merges = [(spell[a], spell[b]) for a, b in self.merges]
+        return bpe_tokenizer_json(vocab, merges, self.special_tokens,
+                                  [self.pattern] if self.pattern is not None else None)
+
     def __repr__(self) -> str:
         return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
                 f"special_tokens={list(self.special_tokens)})")

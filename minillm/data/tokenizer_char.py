@@ -76,5 +76,16 @@ class CharTokenizer(SpecialTokens):
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict(), indent=None, sort_keys=False)
 
+    def to_hf_json(self) -> str:
+        """This tokenizer as a Hugging Face tokenizer.json: a BPE model with the characters as its
+        vocabulary and no merges (so every character is one token), a Fuse decoder that joins them
+        back, and the special tokens as added tokens. The ids are the same. One difference: a
+        character outside the vocabulary is dropped there, where encode() here refuses it."""
+        from minillm.data.tokenizer_hf import bpe_tokenizer_json
+
+        vocab = {c: i for i, c in enumerate(self.chars)}
+        vocab.update(self.special_tokens)
+        return bpe_tokenizer_json(vocab, [], self.special_tokens, None, byte_level=False)
+
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size}, special_tokens={list(self.special_tokens)})"

@@ -67,6 +67,10 @@ class HFTokenizer:
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict(), indent=None, sort_keys=False)
 
+    def to_hf_json(self) -> str:
+        """The tokenizer.json this tokenizer was read from, unchanged (export to a Hugging Face folder)."""
+        return self._json
+
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, special_tokens={list(self.special_tokens)[:8]})"
 
@@ -126,3 +130,46 @@ def _special_token_strings(config: Path) -> dict[str, str]:
         if isinstance(value, str):
             out[key] = value
     return out
+
+
+# --- writing: minillm's own tokenizers as a tokenizer.json ---------------------------------------------
+
+def _tokenizers_library():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError("writing a tokenizer.json needs the tokenizers package: pip install tokenizers "
+                          "(it comes with transformers)") from None
+    return tokenizers
+
+
+def bpe_tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]], specials: dict[str, int],
+                       split_patterns: list[str] | None, byte_level: bool = True) -> str:
+    """A tokenizer.json for the `tokenizers` library's BPE model, which transformers' AutoTokenizer runs.
+
+    vocab: token string -> id, special tokens included; merges in priority order (first = applied
+    first), each joining two vocabulary strings. byte_level: tokens are spelled with GPT-2's byte
+    table (space = "Ġ", tokenizer_gguf.bytes_to_unicode), and the pipeline is the one GPT-2's own
+    tokenizer.json has: each regex of `split_patterns` in turn cuts the text, keeping matches and the
+    text between them ("isolated", as tokenizer_gguf's _regex_split and the `regex` findall of
+    tokenizer_bpe do for these patterns), then ByteLevel maps bytes to those characters. Without
+    byte_level (characters) nothing splits: BPE starts from single characters and has no merges.
+    Special tokens are "added tokens": cut out of the text whole before anything else, as here.
+    No post-processor: like minillm's encode, the tokenizer adds no BOS/EOS of its own.
+    """
+    tk = _tokenizers_library()
+    tok = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    steps = [tk.pre_tokenizers.Split(tk.Regex(p), behavior="isolated") for p in split_patterns or []]
+    if byte_level:
+        steps.append(tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+        tok.decoder = tk.decoders.ByteLevel()
+    else:
+        tok.decoder = tk.decoders.Fuse()  # join the characters with nothing between them
+    if steps:
+        tok.pre_tokenizer = steps[0] if len(steps) == 1 else tk.pre_tokenizers.Sequence(steps)
+    # ids come from the vocabulary, where the specials already are: add_special_tokens reuses them
+    tok.add_special_tokens([tk.AddedToken(s, special=True, normalized=False)
+                            for s, _ in sorted(specials.items(), key=lambda kv: kv[1])])
+    if tok.get_vocab_size(with_added_tokens=True) != len(vocab):
+        raise ValueError("the tokenizers library kept fewer tokens than were given (two ids spell the same string)")
+    return tok.to_str()
