@@ -7,10 +7,14 @@ fresh execution every time, so nothing it shows can be older than the code it wa
 
     python notebooks/build.py --out site/                               # every notebook, in name order
     python notebooks/build.py --out site/ notebooks/01_attention.ipynb  # only some
+    python notebooks/build.py --out site/ --keep build/executed         # and keep them for docs/build.py
 
-Open site/index.html. A cell that raises stops the build with one line naming the notebook and the
+Open site/index.html. The documentation site (docs/build.py) renders the same chapters beside the
+guides, with math as MathML that needs no network; these standalone pages load MathJax from a CDN.
+A cell that raises stops the build with one line naming the notebook and the
 cell (exit status 1). tests/test_notebooks.py uses the same execute() and render(), so CI executes each
-notebook once and both checks and renders it.
+notebook once and both checks and renders it; with MINILLM_KEEP_EXECUTED set it also keeps each executed
+notebook (keep_executed), which docs/build.py --executed turns into the site's course pages.
 
 The kernel is the interpreter running this file: we ask jupyter_client for ipykernel's own "python3"
 spec, which launches `sys.executable -m ipykernel_launcher`, so no `python -m ipykernel install` is
@@ -104,6 +108,26 @@ def execute(path: Path, workdir: Path) -> nbformat.NotebookNode:
     return nb
 
 
+KEEP_ENV = "MINILLM_KEEP_EXECUTED"  # a folder: where the test suite keeps each notebook it executes
+
+
+def keep_executed(path: Path, nb: nbformat.NotebookNode, folder: Path | None = None) -> Path | None:
+    """Save the executed notebook (outputs included) as folder/<name>.ipynb, for the documentation site.
+
+    `folder` defaults to $MINILLM_KEEP_EXECUTED; with neither, nothing is written (returns None). This
+    is how CI runs each notebook once: tests/test_notebooks.py executes it and keeps it here, and
+    docs/build.py --executed renders what was kept, figures and all.
+    """
+    folder = folder or (Path(os.environ[KEEP_ENV]) if os.environ.get(KEEP_ENV) else None)
+    if folder is None:
+        return None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / Path(path).name
+    nbformat.write(nb, target)
+    return target
+
+
 def title_and_goals(nb: nbformat.NotebookNode) -> tuple[str, str]:
     """The first cell's "# title" and its "you will be able to" list (markdown), by the course contract."""
     lines = nb.cells[0].source.splitlines()
@@ -153,14 +177,18 @@ ol{{padding-left:1.2em}} h2{{margin-bottom:0.1em}} .meta{{color:#666;margin-top:
 """
 
 
-def build(paths: list[Path], out: Path) -> list[Path]:
-    """Execute and render each notebook into `out`, then write out/index.html; returns the pages."""
+def build(paths: list[Path], out: Path, keep: Path | None = None) -> list[Path]:
+    """Execute and render each notebook into `out`, then write out/index.html; returns the pages.
+
+    With `keep`, each executed notebook is also saved there (keep_executed), for docs/build.py --executed.
+    """
     out.mkdir(parents=True, exist_ok=True)
     chapters, pages = [], []
     for path in paths:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f"minillm-{path.stem}-") as workdir:
             nb = execute(path, Path(workdir))
+        keep_executed(path, nb, keep)
         seconds = time.perf_counter() - start
         page = out / f"{path.stem}.html"
         page.write_text(render(nb), encoding="utf-8")
@@ -177,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for index.html and one page per notebook")
     parser.add_argument("notebooks", nargs="*", type=Path,
                         help=f"notebooks to build (default: all of {NOTEBOOK_DIR})")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="also save the executed notebooks in DIR (then: python docs/build.py --executed DIR)")
     args = parser.parse_args(argv)
     paths = sorted(args.notebooks, key=lambda p: p.name) if args.notebooks else notebooks()
     if not paths:
@@ -184,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     start = time.perf_counter()
     try:
-        pages = build(paths, args.out)
+        pages = build(paths, args.out, keep=args.keep)
     except NotebookError as err:
         print(f"build failed: {err}", file=sys.stderr)
         return 1
