@@ -69,7 +69,7 @@ def test_grouped_int8_model_embedding_and_checkpoint_round_trip(tmp_path):
     save_model(tmp_path / "q", model)
     meta = json.loads((tmp_path / "q" / "config.json").read_text())
     assert meta["quantization"]["group_size"] == 32 and meta["quantization"]["int8_groups"] is True
-    loaded = load_model(tmp_path / "q")[0]
+    loaded = load_model(tmp_path / "q", backend="reference")[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
 
@@ -87,3 +87,151 @@ def test_float32_scales_in_a_bfloat16_layer(scheme):
     w = dequantize(scheme, lin.weight_q, lin.scales, lin.zeros)  # fp32
     assert w.dtype == torch.float32
     torch.testing.assert_close(lin(x), F.linear(x, w.bfloat16(), lin.bias), rtol=0, atol=0)
+
+
+# --- the CPU kernel against the reference -------------------------------------------------------
+
+from minillm.compress import cpu_kernel  # noqa: E402
+from minillm.compress.quant import default_backend, set_backend  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"CPU kernel: {cpu_kernel.why_unavailable()}")
+QB = 32  # the kernel's activation block
+
+# (scheme, G, K): int8 per channel (ragged and whole blocks), int8 grouped, int4 at every group size
+CASES = [("int8", None, 72), ("int8", None, 96), ("int8", 32, 96), ("int8", 64, 192)] + \
+        [("int4", g, 2 * g) for g in GROUP_SIZES] + [("int4", 32, 160)]
+
+
+def make(scheme, G, K, N=40, scale_dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    t = quantize(w, scheme, G, int8_groups=G is not None)
+    t["scales"] = t["scales"].to(scale_dtype)
+    if "zeros" in t:
+        t["zeros"] = t["zeros"].to(scale_dtype)
+    return t, torch.randn(N, generator=g)
+
+
+def activation_rounding(x):
+    """What the kernel does to x (M, K): per block of 32, d = max|x|/127 and x̂ = d·round(x/d),
+    in fp32 as the C code computes it. Returns x̂ and d, both (M, K), in float64."""
+    M, K = x.shape
+    nb = -(-K // QB)
+    xb = F.pad(x.float(), (0, nb * QB - K)).reshape(M, nb, QB)  # (M, nb, 32), zero-padded
+    d = xb.abs().amax(-1, keepdim=True) / 127  # (M, nb, 1)
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    x_hat = (d.double() * torch.round(xb * inv).double()).reshape(M, -1)[:, :K]  # (M, K)
+    return x_hat, d.double().expand(M, nb, QB).reshape(M, -1)[:, :K]
+
+
+@needs_kernel
+@pytest.mark.parametrize("x_dtype,scale_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                 (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float32, torch.float16)], ids=str)
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("M", [1, 3, 8, 40])
+@pytest.mark.parametrize("scheme,G,K", CASES)
+def test_cpu_kernel_matches_the_reference_within_activation_rounding(scheme, G, K, M, has_bias, x_dtype,
+                                                                    scale_dtype):
+    """Tolerances, and why:
+    * M < GEMM_MIN_M (the integer kernel): y must equal the float64 product of the *rounded*
+      activations x̂ with Ŵ (plus, for int4, z·Σx with the exact x) to fp32 accumulation error,
+      1e-5 of Σ|x̂||Ŵ|; and it must be within the rounding bound of the reference x @ Ŵᵀ:
+      |y - ref| ≤ Σ_k |Ŵ'[n, k]|·d/2 (Ŵ' = q·s or (q-8)·s: the part that multiplies x̂).
+    * M ≥ GEMM_MIN_M (W expanded to fp32, PyTorch's GEMM): the reference to fp32 error.
+    bf16 inputs: the same, plus one bf16 rounding of the output (2⁻⁸ relative)."""
+    t, b = make(scheme, G, K, scale_dtype=scale_dtype)
+    bias = b.to(scale_dtype) if has_bias else None
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(x_dtype)
+    y = cpu_kernel.quant_matmul_cpu(x, t["weight_q"], t["scales"], t.get("zeros"), bias, scheme, G)
+    assert y.dtype == x_dtype and y.shape == (M, 40)
+    W = dequantize(scheme, t["weight_q"], t["scales"], t.get("zeros"), torch.float64)  # (N, K)
+    b64 = bias.double() if has_bias else torch.zeros(40, dtype=torch.float64)
+    xd = x.double()
+    ref = xd @ W.T + b64  # (M, N)
+    out_tol = (ref.abs() * 2 ** -8) if x_dtype == torch.bfloat16 else 0
+    if M >= cpu_kernel.GEMM_MIN_M:
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5 + (2 ** -8 if x_dtype == torch.bfloat16 else 0),
+                                   atol=1e-5)
+        return
+    x_hat, d = activation_rounding(x)
+    if scheme == "int4":
+        Z = dequantize("int4", t["weight_q"], torch.zeros_like(t["scales"]), t["zeros"], torch.float64)  # z only
+        W_q = W - Z  # (q - 8)·s
+        emulated = x_hat @ W_q.T + xd @ Z.T + b64
+    else:
+        W_q = W
+        emulated = x_hat @ W.T + b64
+    scale = x_hat.abs() @ W_q.abs().T + xd.abs() @ (W - W_q).abs().T + 1e-6  # (M, N)
+    assert ((y.double() - emulated).abs() <= 1e-5 * scale + out_tol).all()
+    bound = (d / 2) @ W_q.abs().T  # (M, N): the rounding of x, at worst
+    assert ((y.double() - ref).abs() <= bound * (1 + 1e-4) + 1e-5 * scale + out_tol).all()
+    assert (y.double() - ref).abs().max() > 0  # x really was rounded: the bound above is not vacuous
+
+
+@needs_kernel
+def test_cpu_backend_in_quant_linear_and_model():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 24)
+    ql = QuantLinear.from_linear(lin, "int4", 32)
+    assert ql.backend == "reference"  # construction never compiles anything
+    ref = ql(torch.randn(2, 5, 64))
+    ql.set_backend("cpu")
+    assert ql.backend == "cpu" and "backend=cpu" in repr(ql)
+    x = torch.randn(2, 5, 64)  # (B, T, C): leading dimensions kept
+    with torch.no_grad():
+        y, r = ql(x), F.linear(x, ql.dequantized_weight(), ql.bias)
+    assert y.shape == ref.shape and (y - r).abs().max() < 0.05 * r.abs().max()
+    assert default_backend("cpu") == "cpu"
+    model = set_backend(quantize_model(tiny_model(), "int8", include_head=True, include_embeddings=True), "cpu")
+    assert {m.backend for m in model.modules() if isinstance(m, QuantLinear)} == {"cpu"}
+    idx = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        fast = model(idx)[0]
+        ref = set_backend(model, "reference")(idx)[0]
+    assert (fast - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+@needs_kernel
+def test_a_quantized_checkpoint_loads_on_the_cpu_backend(tmp_path):
+    save_model(tmp_path / "q", quantize_model(tiny_model(), "int4", 32))
+    model = load_model(tmp_path / "q")[0]
+    assert {m.backend for m in model.modules() if isinstance(m, QuantLinear)} == {"cpu"}
+    assert {m.backend for m in load_model(tmp_path / "q", backend="reference")[0].modules()
+            if isinstance(m, QuantLinear)} == {"reference"}
+
+
+def test_cpu_kernel_refuses_what_it_cannot_run():
+    t, _ = make("int4", 32, 64)
+    with pytest.raises(ValueError, match="both be"):
+        cpu_kernel._check(torch.randn(1, 64), t["weight_q"], t["scales"], None, "int4")
+    with pytest.raises(ValueError, match="scheme"):
+        cpu_kernel._check(torch.randn(1, 64), t["weight_q"], t["scales"], None, "int3")
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        cpu_kernel._check(torch.randn(1, 64).double(), t["weight_q"], t["scales"], t["zeros"], "int4")
+
+
+# --- when there is no compiler ---------------------------------------------------------------------
+
+def test_no_compiler_falls_back_to_the_reference_with_one_line(monkeypatch):
+    assert not cpu_kernel.available(cc="/nonexistent/cc")
+    why = cpu_kernel.why_unavailable(cc="/nonexistent/cc")
+    assert "no C compiler" in why and "reference" in why and "\n" not in why
+    monkeypatch.setenv("CC", "/nonexistent/cc")  # what the engine sees from here on
+    assert default_backend("cpu") == "reference"
+    ql = QuantLinear.from_linear(torch.nn.Linear(64, 8), "int8")
+    with pytest.warns(UserWarning, match="no C compiler"):
+        ql.set_backend("cpu")
+    assert ql.backend == "reference"
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(ql(x), F.linear(x, ql.dequantized_weight(), ql.bias))
+
+
+def test_a_compiler_that_fails_is_reported_not_raised():
+    import shutil
+
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` program to stand in for a broken compiler")
+    assert not cpu_kernel.available(cc=false)
+    assert "did not compile" in cpu_kernel.why_unavailable(cc=false)

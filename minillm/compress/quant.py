@@ -8,17 +8,21 @@ it is multiplied ("dequantized"). The formats (int8 per output channel, int4 per
 two codes per byte) and their math are in quant_format.py.
 
 The matmul is chosen by an explicit switch, per layer: backend "reference" dequantizes in PyTorch
-(what a student reads); "triton" calls kernels/quant_matmul.py, imported only when that backend is
-set. The kernel imports quant_format.py, never this file, so the two never import each other.
+(what a student reads); "triton" calls kernels/quant_matmul.py (CUDA), "cpu" the C kernel of
+cpu_kernel.py (compiled on first use; int8 activations per block of 32, as llama.cpp), each imported
+only when that backend is set. The kernels import quant_format.py, never this file.
 
     >>> model = quantize_model(model, "int4", group_size=64)     # swaps nn.Linear -> QuantLinear
     >>> set_backend(model, "triton")                             # fused Triton kernel (CUDA)
+    >>> set_backend(model, "cpu")                                # the C kernel (CPU)
 
 Quantized checkpoints are saved and loaded like any other (minillm/weights/checkpoint.py); `minillm
 quantize` (minillm/compress/quantize.py) quantizes a saved one and reports what it cost.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn as nn
@@ -30,7 +34,7 @@ from minillm.compress.quant_format import (GROUP_SIZES, SCHEMES, check_group, de
                                            dequantize_int8, pack_int4, quantize, quantize_int4, quantize_int8,
                                            unpack_int4)
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpu")
 
 __all__ = ["BACKENDS", "GROUP_SIZES", "SCHEMES", "QuantEmbedding", "QuantLinear", "default_backend", "dequantize",
            "dequantize_int4", "dequantize_int8", "pack_int4", "quantize", "quantize_int4", "quantize_int8",
@@ -38,7 +42,12 @@ __all__ = ["BACKENDS", "GROUP_SIZES", "SCHEMES", "QuantEmbedding", "QuantLinear"
 
 
 def default_backend(device: torch.device | str) -> str:
-    """"triton" for CUDA weights when triton is installed, else "reference" — decided once, here."""
+    """The fastest backend that runs here, decided once, here: "triton" for CUDA weights when triton is
+    installed; "cpu" for CPU weights when the C kernel compiles and loads; else "reference"."""
+    if torch.device(device).type == "cpu":
+        from minillm.compress import cpu_kernel
+
+        return "cpu" if cpu_kernel.available() else "reference"
     if torch.device(device).type != "cuda":
         return "reference"
     try:
@@ -55,6 +64,7 @@ class QuantLinear(nn.Module):
 
     backend "reference": dequantize the whole matrix in PyTorch, then F.linear — what a student reads.
     backend "triton":    minillm.kernels.quant_matmul, dequantizing inside the matmul's load path.
+    backend "cpu":       minillm.compress.cpu_kernel, integer dots with 8-bit activations (C, AVX2).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str,
@@ -89,7 +99,9 @@ class QuantLinear(nn.Module):
         """Quantize an nn.Linear. `group_size` is int4's group; int8 stays per output channel unless
         int8_groups=True (then it is int8's group too)."""
         w = linear.weight.detach()
-        backend = backend or default_backend(w.device)
+        # on CPU the construction stays on the reference (no compiler run to build a model); loading
+        # a checkpoint or `minillm generate` then picks default_backend, "cpu" where it compiles
+        backend = backend or ("reference" if w.device.type == "cpu" else default_backend(w.device))
         if scheme == "int8" and not int8_groups:
             group_size = None
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, group_size,
@@ -113,6 +125,15 @@ class QuantLinear(nn.Module):
                 raise ValueError("backend='triton' runs int8 with one scale per output channel only; "
                                  "grouped int8 (e.g. a GGUF's Q8_0) runs on 'reference' or 'cpu'")
             self._kernel = quant_matmul.quant_matmul
+        if backend == "cpu":
+            from minillm.compress import cpu_kernel
+
+            if self.weight_q.device.type != "cpu":
+                raise ValueError("backend='cpu' runs on CPU weights; on CUDA use 'triton' or 'reference'")
+            if not cpu_kernel.available():  # never a crash: say why once, and stay on the reference
+                warnings.warn(f"backend='cpu' unavailable: {cpu_kernel.why_unavailable()}", stacklevel=2)
+                backend = "reference"
+            self._kernel = cpu_kernel.quant_matmul_cpu
         self.backend = backend
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
@@ -125,7 +146,7 @@ class QuantLinear(nn.Module):
         return self.dequantized_weight(self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
-        if self.backend == "triton":
+        if self.backend != "reference":
             return self._kernel(x, self.weight_q, self.scales, self.zeros, self.bias, self.scheme, self.group_size)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
@@ -202,7 +223,7 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int | None = 128, 
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Choose the matmul of every QuantLinear in `model`: "reference" or "triton"."""
+    """Choose the matmul of every QuantLinear in `model`: "reference", "triton" or "cpu"."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.set_backend(backend)
