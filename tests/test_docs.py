@@ -155,3 +155,12 @@ def test_keep_executed_follows_the_environment(tmp_path, monkeypatch):
     kept = course.keep_executed(CHAPTERS[0], nb)
     assert kept == tmp_path / "kept" / CHAPTERS[0].name
     assert nbformat.read(kept, as_version=4).cells[0].source == nb.cells[0].source
+
+
+def test_mathml_draws_styled_letters_as_unicode():
+    """MathML Core (Chromium) ignores mathvariant="script": the renderer writes 𝒩 itself, not N."""
+    from docs._ext import mathml
+
+    assert "<mi>𝒩</mi>" in mathml.to_mathml(r"\mathcal N(0, 0.02)", "inline", None)
+    assert "<mi>ℝ</mi>" in mathml.to_mathml(r"\mathbb R^d", "inline", None)  # a letter with its own name
+    assert "<msqrt>" in mathml.to_mathml(r"\sqrt{D}", "block", None)

@@ -15,6 +15,8 @@ Used by docs/conf.py: extensions = [..., "mathml"] and html_math_renderer = "mat
 from __future__ import annotations
 
 import html
+import re
+import unicodedata
 
 from docutils import nodes
 from latex2mathml.converter import convert
@@ -23,10 +25,30 @@ from sphinx.util import logging
 logger = logging.getLogger(__name__)
 
 
+# MathML Core, the part of MathML that Chromium implements, draws mathvariant="normal" only: a
+# \mathcal N would come out as a plain italic N. Unicode has the styled letters themselves (𝒩, ℝ, 𝔄),
+# so a one-letter <mi> with a style becomes that letter, which every browser and font shows as meant.
+STYLES = {"script": "SCRIPT", "double-struck": "DOUBLE-STRUCK", "fraktur": "FRAKTUR", "bold": "BOLD"}
+STYLED_MI = re.compile(r'<mi mathvariant="(script|double-struck|fraktur|bold)">([A-Za-z])</mi>')
+
+
+def styled_letter(style: str, letter: str) -> str:
+    """The Unicode letter for `letter` in `style` (𝒩 for script N), or `letter` itself if there is none."""
+    case = "CAPITAL" if letter.isupper() else "SMALL"
+    # most are MATHEMATICAL SCRIPT CAPITAL N; a few older ones have their own names (SCRIPT CAPITAL B: ℬ)
+    for name in (f"MATHEMATICAL {STYLES[style]} {case} {letter.upper()}", f"{STYLES[style]} {case} {letter.upper()}"):
+        try:
+            return unicodedata.lookup(name)
+        except KeyError:
+            continue
+    return letter
+
+
 def to_mathml(latex: str, display: str, node: nodes.Node) -> str:
     """`latex` as a <math> element; on a conversion error, a warning and the LaTeX shown as code."""
     try:
-        return convert(latex.strip(), display=display)
+        mathml = convert(latex.strip(), display=display)
+        return STYLED_MI.sub(lambda m: f"<mi>{styled_letter(m[1], m[2])}</mi>", mathml)
     except Exception as err:  # latex2mathml raises several types (its own, IndexError, KeyError, ...)
         logger.warning("latex2mathml cannot convert %r: %s: %s", latex, type(err).__name__, err, location=node)
         return f"<code>{html.escape(latex)}</code>"
