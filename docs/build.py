@@ -114,15 +114,15 @@ def copy_course(folder: Path, executed: Path | None = None, execute: bool = Fals
         missing = [p.name for p in chapters if not (executed / p.name).is_file()]
         if missing:
             raise FileNotFoundError(f"{executed} lacks executed notebooks: {', '.join(missing)}")
+    if execute:
+        sys.path.insert(0, str(ROOT))  # notebooks/ is a folder of the checkout, not an installed package
+        from notebooks import build as course  # needs the notebooks extra
     copied = []
     for path in chapters:
         target = folder / path.name
         if executed is not None:
             shutil.copy(executed / path.name, target)
         elif execute:
-            sys.path.insert(0, str(ROOT))
-            from notebooks import build as course  # needs the notebooks extra
-
             with tempfile.TemporaryDirectory(prefix=f"minillm-{path.stem}-") as workdir:
                 start = time.perf_counter()
                 course.keep_executed(path, course.execute(path, Path(workdir)), folder)
