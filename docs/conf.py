@@ -26,6 +26,10 @@ myst_heading_anchors = 3
 # test suite in CI), or as stored, without outputs.
 nb_execution_mode = "off"
 nb_merge_streams = True  # a cell's printed lines in one block, as Jupyter shows them
+# A progress bar that tqdm drew as a Jupyter widget shows the text it also carries ("100%|#####| 300/300"):
+# a live widget needs ipywidgets' JavaScript from a CDN, and this site loads nothing from the network.
+nb_ipywidgets_js = {}
+nb_mime_priority_overrides = [("html", "application/vnd.jupyter.widget-view+json", None)]
 
 exclude_patterns = ["_build", "course/README.md", "**/.ipynb_checkpoints"]
 

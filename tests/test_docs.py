@@ -53,8 +53,17 @@ def _executed_folder(folder: Path) -> Path:
     nb = nbformat.read(first, as_version=4)
     code = next(c for c in nb.cells if c.cell_type == "code")
     code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="printed by the executed run\n"),
-                    nbformat.v4.new_output("display_data", data={"image/png": _png(), "text/plain": "<Figure>"})]
+                    nbformat.v4.new_output("display_data", data={"image/png": _png(), "text/plain": "<Figure>"}),
+                    # a tqdm progress bar as a Jupyter widget: the site must show its text, not load widget JS
+                    nbformat.v4.new_output("display_data", data={
+                        "application/vnd.jupyter.widget-view+json": {"model_id": "m1", "version_major": 2,
+                                                                     "version_minor": 0},
+                        "text/plain": "train: 100%|##########| 300/300"})]
     code.execution_count = 1
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {
+        "state": {"m1": {"model_name": "HBoxModel", "model_module": "@jupyter-widgets/controls",
+                         "model_module_version": "2.0.0", "state": {}}},
+        "version_major": 2, "version_minor": 0}}
     nbformat.write(nb, first)
     return folder
 
@@ -123,6 +132,7 @@ def test_site_needs_no_network(site):
 def test_executed_chapters_show_their_outputs(site):
     page = (site / "course" / f"{CHAPTERS[0].stem}.html").read_text(encoding="utf-8")
     assert "printed by the executed run" in page
+    assert "train: 100%|##########| 300/300" in page  # the progress bar's text, not an empty widget
     images = re.findall(r'<img[^>]*src="([^"]+\.png)"', page)
     assert images and all((site / "course" / src).resolve().is_file() for src in images)
 
