@@ -1,33 +1,50 @@
-"""SmolLM2-135M-Instruct from its GGUF file: minillm against transformers and llama.cpp, measured.
+"""SmolLM2-135M-Instruct from its GGUF file: every minillm variant against transformers and llama.cpp.
 
     minillm pull smollm2-135m-instruct
-    python -m bench.real_model --out=bench/results/real-model-cpu.json     # ~5 min on 2 CPU cores
+    python -m bench.real_model                      # the full run, ~45 min on a quiet 2-core CPU
+    python -m bench.real_model --quick              # tiny sizes, ~3 min: proves every row runs
+    python -m bench.real_model --only=fp32,q4_1,llama.cpp --parts=speed
 
-What it measures, each on the same token ids:
-    load        minillm's load_model of the GGUF in a fresh process: seconds and peak RSS
-    perplexity  on the python-docs validation split (minillm's split_text), in windows of --window
-                tokens: minillm fp32 (the GGUF dequantized), transformers loading the same GGUF
-                (also dequantized to fp32), and llama.cpp on the GGUF as it is (Q4_1 matmuls), if
-                llama-cpp-python is installed (an sdist that compiles llama.cpp: ~10 min on 2 cores)
-    greedy      64 greedy tokens after each of 10 prompts: minillm's ids against transformers'
-    answers     the model's greedy answers to 10 fixed questions, in its own chat template
+Rows (bench/real_model_rows.py): minillm fp32 (the GGUF dequantized), bf16, minillm's own int8
+(per channel) and int4 (groups of 32) of those fp32 weights, the GGUF kept quantized (Q4_1/Q8_0
+blocks as they are, load_model(keep_quantized=True)), each the way `minillm generate` runs it
+(for_inference, flat decode steps, the default quantized backend unless --backend); transformers'
+fp32 `generate` on the same GGUF; llama.cpp through llama-cpp-python on the file as it is. A row
+whose feature is missing in this checkout, or whose library is not installed, prints why it is
+skipped; the rest are measured.
 
-transformers and llama.cpp are references, never dependencies of minillm: the script says what is
-missing and measures the rest.
+Parts (--parts):
+    rss         load_model in a fresh process per variant: RSS above the torch+minillm baseline
+    speed       greedy decode tokens/s at batch 1 and --batch, after the chat prompt (34 tokens) and
+                after --long_prompt tokens of held-out text (prefill tokens/s of that one too),
+                --new_tokens new tokens, --rounds alternating rounds (bench/real_model_speed.py)
+    perplexity  every variant on the python-docs validation split (bench/real_model_quality.py)
+    greedy      --greedy_tokens greedy tokens after each prompt: every variant against fp32 (where
+                Q4_1-kept parts from fp32, the top-2 logit gap), fp32 against transformers
+    answers     the fp32 model's greedy answers to fixed questions, in its own chat template
+
+Goals (issue 27) are computed as ratios of this run's figures and printed pass/fail with the
+measured value. Results: JSON lines (--out) and a bar chart beside it (.png); a markdown table
+ready for the README is printed last, the machine named. transformers and llama.cpp are
+references, never dependencies of minillm.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from bench.real_model_quality import (eval_ids, greedy_against_fp32, greedy_against_transformers,
+                                      perplexities)
+from bench.real_model_report import chart, goals, machine, markdown
+from bench.real_model_rows import (KEYS, LLAMA_MISSING, MINILLM_KEYS, has_keep_quantized, llama_cpp_logits,
+                                   llama_cpp_row, minillm_rows, transformers_model, transformers_row)
+from bench.real_model_speed import rss_after_load, scenarios, time_rows
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "import numpy as np\n",
            "The three laws of thermodynamics", "Python is a programming language that",
@@ -39,150 +56,137 @@ QUESTIONS = ["What is the capital of France?", "What is the capital of Japan?", 
              "chemical energy a cell needs, in the form of ATP.",
              "What color is the sky on a clear day?", "Name a prime number greater than 10.",
              "Translate 'thank you' into French.", "Who wrote Romeo and Juliet?"]
+CHAT_QUESTION = "What is Python?"  # in SmolLM2's template (its default system turn): a 34-token prompt
+PARTS = ("rss", "speed", "perplexity", "greedy", "answers")
+# (full, --quick) defaults of the size options
+SIZES = {"rounds": (3, 1), "new_tokens": (128, 8), "long_prompt": (512, 32), "tokens": (4096, 128),
+         "window": (512, 64), "greedy_tokens": (64, 8), "prompts": (10, 2), "questions": (10, 2)}
 
 
-def measure_load(path: str) -> dict:
-    """load_model in a fresh interpreter: wall seconds and that process's peak RSS."""
-    code = ("import time, resource, sys; t=time.perf_counter();"
-            "from minillm.weights.checkpoint import load_model; m, tok, meta = load_model(sys.argv[1]);"
-            "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, check=True)
-    seconds, rss_kb = out.stdout.split()
-    return {"seconds": round(float(seconds), 2), "peak_rss_mb": round(int(rss_kb) / 1024, 1)}
+def chat_ids(tok) -> list[int]:
+    """CHAT_QUESTION as a user turn in the model's chat template (the plain text if it has none)."""
+    from minillm.data.chat_template import chat_prompt_for
+
+    rendered = chat_prompt_for(tok, [{"role": "user", "content": CHAT_QUESTION}])
+    return tok.encode(rendered[0] if rendered else CHAT_QUESTION)
 
 
-def eval_ids(tokenizer, n_tokens: int) -> list[int]:
-    from minillm.data.dataset import load_text, split_text
-
-    _, val = split_text(load_text("python-docs"))
-    ids = tokenizer.encode(val, allowed_special="none")
-    return ids[:n_tokens]
-
-
-def nll_windows(logits_fn, ids: list[int], window: int) -> tuple[float, int]:
-    """Sum of -log p(token) over non-overlapping windows (each scored from its own start) and how
-    many tokens were scored: the first token of each window has no context and is not scored."""
-    total, count = 0.0, 0
-    for start in range(0, len(ids) - 1, window):
-        chunk = ids[start:start + window]
-        if len(chunk) < 2:
-            break
-        logits = logits_fn(chunk).double()  # (T, V)
-        logp = torch.log_softmax(logits[:-1], dim=-1)
-        target = torch.tensor(chunk[1:])
-        total -= logp.gather(1, target[:, None]).sum().item()
-        count += len(chunk) - 1
-    return total, count
-
-
-def run(args) -> dict:
-    from minillm.weights.checkpoint import load_model
-    from minillm.weights.pull import resolve
-
-    path = str(resolve(args.model))
-    result = {"model": path, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-              f"torch {torch.__version__}", "date": time.strftime("%Y-%m-%d")}
-    result["load"] = measure_load(path)
-    print(f"load: {result['load']}", flush=True)
-    model, tok, _ = load_model(path, block_size=2048)
-    model.eval()
-    ids = eval_ids(tok, args.tokens)
-    ppl = {}
-
-    with torch.inference_mode():
-        def ours(chunk):
-            return model(torch.tensor([chunk]))[0][0]
-        nll, n = nll_windows(ours, ids, args.window)
-        ppl["minillm fp32"] = math.exp(nll / n)
-        print(f"perplexity minillm: {ppl['minillm fp32']:.4f} over {n} tokens", flush=True)
-        hf = _transformers(path)
-        if hf is not None:
-            nll, n = nll_windows(lambda c: hf(torch.tensor([c])).logits[0], ids, args.window)
-            ppl["transformers fp32"] = math.exp(nll / n)
-            print(f"perplexity transformers: {ppl['transformers fp32']:.4f}", flush=True)
-    llama = _llama_cpp(path, args.window)
-    if llama is not None:
-        nll, n = nll_windows(llama, ids, args.window)
-        ppl["llama.cpp Q4_1"] = math.exp(nll / n)
-        print(f"perplexity llama.cpp: {ppl['llama.cpp Q4_1']:.4f}", flush=True)
-    result["perplexity"] = {"split": "python-docs val (last 10%)", "tokens_scored": n, "window": args.window,
-                            **{k: round(v, 5) for k, v in ppl.items()}}
-    if hf is not None:
-        result["greedy"] = _greedy_vs_transformers(model, tok, hf, args.greedy_tokens)
-    result["answers"] = _answers(model, tok)
-    return result
-
-
-def _transformers(path: str):
-    try:
-        import transformers
-    except ImportError:
-        print("transformers not installed: its columns are skipped", file=sys.stderr)
-        return None
-    p = Path(path)
-    return transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
-                                                             torch_dtype=torch.float32).eval()
-
-
-def _llama_cpp(path: str, window: int):
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        print("llama-cpp-python not installed (pip install llama-cpp-python; it compiles llama.cpp): "
-              "its column is skipped", file=sys.stderr)
-        return None
-    llm = Llama(model_path=path, n_ctx=window, logits_all=True, verbose=False, n_threads=torch.get_num_threads())
-
-    def logits(chunk):
-        llm.reset()
-        llm.eval(chunk)
-        return torch.from_numpy(llm.scores[:len(chunk)].copy())
-    return logits
-
-
-def _greedy_vs_transformers(model, tok, hf, n_new: int) -> dict:
-    from minillm.generate import generate
-
-    same, firsts = 0, []
-    for prompt in PROMPTS:
-        idx = torch.tensor([tok.encode(prompt)])
-        ours = generate(model, idx, n_new, temperature=0, flat_decode=True)[0, idx.shape[1]:].tolist()
-        with torch.inference_mode():  # eos_token_id=None: both run all n_new steps, through an EOS too
-            # (min_new_tokens would instead forbid the EOS, and the two would part there)
-            theirs = hf.generate(idx, max_new_tokens=n_new, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)[0, idx.shape[1]:].tolist()
-        same += ours == theirs
-        firsts.append(next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None))
-        print(f"greedy {prompt[:30]!r}: {'equal' if ours == theirs else 'differs at ' + str(firsts[-1])}", flush=True)
-    return {"prompts": len(PROMPTS), "new_tokens": n_new, "identical": same, "first_difference": firsts}
-
-
-def _answers(model, tok) -> list[dict]:
+def answers(model, tok, questions: list[str], n_new: int, log=print) -> dict:
     from minillm.data.chat_template import chat_prompt_for
     from minillm.generate import generate_text
 
     out = []
-    for q in QUESTIONS:
-        text, stops = chat_prompt_for(tok, [{"role": "user", "content": q}])
-        [answer] = generate_text(model, tok, [text], 64, temperature=0, stop=stops, flat_decode=True)
+    for q in questions:
+        rendered = chat_prompt_for(tok, [{"role": "user", "content": q}])
+        text, stops = rendered if rendered else (q, [])
+        [answer] = generate_text(model, tok, [text], n_new, temperature=0, stop=stops, flat_decode=True)
         out.append({"question": q, "answer": answer.strip()})
-        print(f"Q: {q}\nA: {answer.strip()}\n", flush=True)
-    return out
+        log(f"Q: {q}\nA: {answer.strip()}\n")
+    return {"kind": "answers", "row": "fp32", "answers": out}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m-instruct", help="a pulled model's name or a .gguf path")
-    p.add_argument("--tokens", type=int, default=4096, help="validation tokens to score (default 4096)")
-    p.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512)")
-    p.add_argument("--greedy_tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    args = p.parse_args()
-    result = run(args)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-        print(f"wrote {args.out}")
-    print(json.dumps({k: result[k] for k in ("load", "perplexity")}, indent=2))
+def run(args) -> list[dict]:
+    from minillm.weights.pull import resolve
+
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    torch.set_num_threads(args.threads)
+    path = str(resolve(args.model))
+    keys = [k for k in KEYS if k in args.only]
+    records = [machine(args.threads) | {"model": path, "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:]}]
+    if "rss" in args.parts:
+        for key, kw in (("fp32", {}), ("q4_1", {"keep_quantized": True})):
+            if key not in keys:
+                continue
+            if key == "q4_1" and not has_keep_quantized():
+                log("rss q4_1: skipped, load_model has no keep_quantized=True in this checkout")
+                continue
+            records.append(rss_after_load(path, key, **kw))
+            log(f"rss {key}: {records[-1]}")
+
+    rows, tok = minillm_rows(path, [k for k in keys if k in MINILLM_KEYS], quant_head=args.quant_head,
+                             backend=args.backend)
+    hf = transformers_model(path) if "transformers" in keys else None
+    if "transformers" in keys:
+        rows["transformers"] = transformers_row(path, hf)
+    chat, long = chat_ids(tok), eval_ids(tok, args.long_prompt)
+    if "llama.cpp" in keys and "speed" in args.parts:
+        rows["llama.cpp"] = llama_cpp_row(path, args.threads, n_ctx=max(len(chat), len(long)) + args.new_tokens + 8)
+    for row in rows.values():
+        log(f"row {row.key:>12}: {row.label}" + (f"  -- SKIPPED: {row.skip}" if row.skip else ""))
+    cases = scenarios(chat, long, batches=(1, args.batch))
+
+    if "speed" in args.parts:
+        records += time_rows(list(rows.values()), cases, args.new_tokens, args.rounds, log)
+    if "perplexity" in args.parts:
+        ids = eval_ids(tok, args.tokens)
+        fns = {k: r.logits for k, r in rows.items() if r.logits is not None and r.skip is None}
+        if "llama.cpp" in keys:
+            fn = llama_cpp_logits(path, args.window, args.threads)
+            if fn is None:
+                log(f"perplexity llama.cpp: skipped, {LLAMA_MISSING}")
+            else:
+                fns["llama.cpp"] = fn
+        records.append(perplexities(fns, ids, args.window, log))
+    if "greedy" in args.parts and "fp32" in rows:
+        prompts = [tok.encode(p) for p in PROMPTS[:args.prompts]]
+        records += greedy_against_fp32({k: r for k, r in rows.items() if k in MINILLM_KEYS and r.skip is None},
+                                       prompts, args.greedy_tokens, log)
+        if hf is not None:
+            records.append(greedy_against_transformers(rows["fp32"].model, hf, prompts, args.greedy_tokens, log))
+    if "answers" in args.parts and "fp32" in rows:
+        records.append(answers(rows["fp32"].model, tok, QUESTIONS[:args.questions], 64 if not args.quick else 8, log))
+    records += goals(records, cases[0].name, cases[-2].name, cases[1].name)
+    records.append({"kind": "table", "markdown": markdown(records, [c.name for c in cases])})
+    return records
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.real_model", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="a pulled model's name or a llama .gguf path")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (1 round, 8 new tokens, 32-token long prompt, "
+                   "128 tokens of perplexity, 2 prompts): proves every row runs, measures nothing worth quoting")
+    p.add_argument("--only", default=",".join(KEYS), help=f"comma-separated rows to run (default all: {','.join(KEYS)})")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run (default all: {','.join(PARTS)})")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help=f"torch and llama.cpp threads (default torch's: {torch.get_num_threads()} here)")
+    p.add_argument("--batch", type=int, default=8, help="the batched scenario's batch size (default 8)")
+    p.add_argument("--quant_head", type=lambda s: s.lower() in ("1", "true", "yes"), default=False,
+                   help="int8/int4 rows quantize the tied head+embedding too (default false: it stays fp32, "
+                        "as quantize_model's default; generation cannot read a quantized embedding yet)")
+    p.add_argument("--backend", default=None, help="matmul of every quantized row's layers (default: load_model's)")
+    for name, (full, quick) in SIZES.items():
+        p.add_argument(f"--{name}", type=int, default=None, help=f"default {full} ({quick} with --quick)")
+    p.add_argument("--out", default=None, help="JSON lines file (default bench/results/real-model-cpu-DATE.jsonl); "
+                   "the chart goes beside it as .png")
+    args = p.parse_args(argv)
+    for name, (full, quick) in SIZES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    args.only = [k.strip() for k in args.only.split(",") if k.strip()]
+    args.parts = [k.strip() for k in args.parts.split(",") if k.strip()]
+    for what, given, known in (("--only", args.only, KEYS), ("--parts", args.parts, PARTS)):
+        unknown = [k for k in given if k not in known]
+        if unknown:
+            p.error(f"{what}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    if args.threads < 1 or args.batch < 1:
+        p.error("--threads and --batch must be at least 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    records = run(args)
+    out = Path(args.out or f"bench/results/real-model-cpu-{time.strftime('%Y-%m-%d')}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    names = [r["scenario"] for r in records if r["kind"] == "speed" and "scenario" in r]
+    if names:
+        chart(records, list(dict.fromkeys(names)), out.with_suffix(".png"), Path(records[0]["model"]).name)
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+    else:
+        print(f"wrote {out}")
+    print(records[-1]["markdown"])
 
 
 if __name__ == "__main__":
