@@ -1,4 +1,5 @@
-"""The kernel sections of bench/gpu_table.py: attention, quantized matmul, the baby GPT's training step.
+"""The kernel sections of bench/gpu_table.py: attention, quantized matmul, the baby GPT's training step
+(decoding is in bench/gpu_decode.py).
 
 Each section is a generator of result rows (plain dicts, one per measured case) that runs cases until
 its time box is spent; bench/gpu_table.py runs each in its own process and writes the rows as JSON
@@ -17,9 +18,15 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-import pytest
 import torch
 import torch.nn.functional as F
+
+try:  # the pytest suites' pieces raise pytest.skip(...) where a case cannot run; without pytest only
+    import pytest  # the attention and quant sections (which import those suites) fail, and say so
+
+    _SKIPS: tuple = (pytest.skip.Exception,)
+except ImportError:
+    _SKIPS = ()
 
 CUDA = torch.cuda.is_available()
 
@@ -53,7 +60,7 @@ def run_case(ctx: Context, section: str, measure, **labels) -> dict:
         return {**row, "status": "skipped", "reason": "the section's time box was spent"}
     try:
         row.update(measure())
-    except (Unavailable, pytest.skip.Exception) as e:
+    except (Unavailable, *_SKIPS) as e:
         row.update(status="skipped", reason=str(e).splitlines()[0] if str(e) else type(e).__name__)
     except Exception as e:  # noqa: BLE001 - one failing case is a result to record, not the end of the table
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -298,66 +305,3 @@ def train(ctx: Context):
         yield run_case(ctx, "train", lambda: measure(provider, compiled), model=shape, provider=provider,
                        compiled=compiled)
 
-
-# --- decoding SmolLM2-135M: tokens per second at batch 1 ---------------------------------------
-
-DECODE_VARIANTS = ("bf16", "int8", "int4")  # minillm's own weight-only formats, the float one first
-
-
-def decode(ctx: Context):
-    """Greedy tokens/s at batch 1 after a 34-token prompt, the path `minillm generate` runs.
-
-    The real SmolLM2-135M-Instruct GGUF when it is pulled (ctx.model); otherwise (and in --toy)
-    a model of its shape with random weights, since decoding speed does not depend on the values.
-    """
-    import copy
-
-    from minillm.compress.quant import quantize_model
-    from minillm.generate.sampling import generate
-    from minillm.model.builtin_ops import for_inference
-    from minillm.model.config import ModelConfig
-    from minillm.model.transformer import CausalLM
-
-    dev = "cuda" if CUDA else "cpu"
-    dtype = torch.bfloat16 if CUDA else torch.float32  # the CPU's bf16 matmuls are slower than fp32
-    new = 16 if ctx.toy else 128
-    model, name, why = None, "SmolLM2-135M shape, random weights", None
-    if ctx.model is None:
-        why = "no --model given"
-    else:
-        from minillm.weights.checkpoint import load_model
-        from minillm.weights.pull import resolve
-
-        try:
-            path = resolve(ctx.model)  # a pulled model's name -> its file; says how to pull it if it is not
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: no such file")
-        except FileNotFoundError as e:
-            why = str(e).splitlines()[0]
-        else:
-            model, name = load_model(path, device=dev)[0], f"{path.name} (real weights)"
-    if model is None:
-        yield {"section": "decode", "status": "skipped", "model": str(ctx.model), "reason": why}
-        small = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, ffn_hidden=128, vocab_size=256) if ctx.toy else {}
-        torch.manual_seed(0)
-        model = CausalLM(ModelConfig.from_preset("smollm2-135m", block_size=512, **small)).to(dev)
-    model = for_inference(model.to(dtype).eval())  # PyTorch's fused norms and attention, as the CLI
-    idx = torch.randint(0, model.cfg.vocab_size, (1, 34), generator=torch.Generator().manual_seed(0)).to(dev)
-    seconds = {}
-
-    def measure(variant: str):
-        m = model if variant == "bf16" else quantize_model(copy.deepcopy(model), variant, 32 if ctx.toy else 128)
-        run = lambda: generate(m, idx, new, temperature=0.0, flat_decode=True)  # noqa: E731
-        # correctness once: the flat decode steps pick the module path's tokens (a bf16 near-tie may differ)
-        tokens = run()
-        same = (tokens == generate(m, idx, new, temperature=0.0)).float()[0, 34:].mean().item()
-        t = median_seconds(run, ctx.reps(3), ctx.warmup(1))
-        seconds[variant] = t
-        figures = {"tokens_per_s": new / t, "ms_per_token": t / new * 1e3, "same_tokens_as_modules": same}
-        if "bf16" in seconds:
-            figures["vs_float"] = seconds["bf16"] / t
-        return figures
-
-    for variant in DECODE_VARIANTS:
-        label = "fp32" if variant == "bf16" and dtype == torch.float32 else variant
-        yield run_case(ctx, "decode", lambda: measure(variant), model=name, variant=label, new_tokens=new)

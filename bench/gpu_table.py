@@ -15,7 +15,9 @@ Sections (each in its own process, time-boxed; a failure is recorded and the nex
                (--model), else a model of its shape with random weights (the row says why)
     tests      `pytest -m cuda tests`, then the Triton suites (which run on the GPU when there is one):
                passed / failed / skipped counts and the failing tests' names
-Every row carries its status (ok, skipped, failed, timeout) and, when not ok, the reason. Files:
+Every row carries its status (ok, skipped, failed, timeout) and, when not ok, the reason; a time is
+the median of 20 calls after warm-up (CUDA events, L2 flushed before each call), each case checked
+against its reference once first; ratios are against baselines measured in the same run. Files:
 OUT/gpu-table-<device>-<date>.jsonl (a first "machine" row: device, torch, triton, CUDA) and .md.
 
 --toy runs every section at tiny shapes with few repetitions, on a CPU through Triton's interpreter
@@ -26,6 +28,10 @@ On the lent GPU machine (torch 2.11 / triton 3.6, no internet), from the reposit
 this one line; the results (and logs) land in $OUT, to be committed under bench/results/:
 
     pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1; timeout 590 python -m bench.gpu_table --out="$OUT" 2>&1 | tee "$OUT/gpu-table.log"
+
+(with the run's timeout_s=600; add --time-scale=0.7 when less than ~10 minutes of device time is left.)
+The pulled GGUF (98 MB) does not travel to that machine, so its decode rows time SmolLM2's shape with
+random weights; pass --model=PATH where the file is present.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import torch
 # Seconds each section may take on a GPU: 435 s in all, plus ~10 s of start-up per process, stays
 # under 8 minutes. A section stops starting cases at its time box; its process is killed 15 s later
 # (so even a run where every section hangs ends within ~9.5 minutes, under the GPU machine's 10).
-TIME_BOX = {"attention": 140, "quant": 60, "train": 100, "decode": 60, "tests": 75}
+TIME_BOX = {"attention": 130, "quant": 75, "train": 95, "decode": 60, "tests": 75}
 TOY_TIME_BOX = 60  # per section on a CPU (each takes ~5-20 s at toy sizes when the machine is quiet)
 GRACE = 15
 ROOT = Path(__file__).resolve().parent.parent  # the children run `-m bench.gpu_table` and pytest from here
@@ -115,6 +121,20 @@ def run_all(args, parser) -> int:
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "toy": args.toy, "command": " ".join(["python -m bench.gpu_table", *sys.argv[1:]])}
     rows_path.write_text(json.dumps(machine) + "\n")
+    # `timeout 590 python -m bench.gpu_table` sends SIGTERM: end as SystemExit, so run_child's finally
+    # kills the section running then (its own process group) instead of leaving it orphaned
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        run_sections(args, sections, rows_path, md_path)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    text = markdown(read_rows(rows_path))
+    print(text)
+    print(f"wrote {rows_path} and {md_path}")
+    return 0
+
+
+def run_sections(args, sections: list[str], rows_path: Path, md_path: Path) -> None:
     for name in sections:
         budget = (TOY_TIME_BOX if args.toy else TIME_BOX[name]) * args.time_scale
         print(f"== {name} (time box {budget:.0f} s)", flush=True)
@@ -122,14 +142,12 @@ def run_all(args, parser) -> int:
                f"--deadline-s={budget}", *(["--toy"] if args.toy else []),
                *([f"--model={args.model}"] if args.model else []),
                *[f"--pytest={a}" for a in args.pytest or []]]
+        t0 = time.monotonic()
         status, reason = run_child(cmd, budget + GRACE)
+        print(f"== {name}: {status} after {time.monotonic() - t0:.0f} s", flush=True)
         if status != "ok":
             append_row(rows_path, {"section": name, "status": status, "reason": reason})
         md_path.write_text(markdown(read_rows(rows_path)))  # after every section: a cut-off run keeps its table
-    text = markdown(read_rows(rows_path))
-    print(text)
-    print(f"wrote {rows_path} and {md_path}")
-    return 0
 
 
 def run_child(cmd: list[str], timeout: float) -> tuple[str, str]:
@@ -142,6 +160,9 @@ def run_child(cmd: list[str], timeout: float) -> tuple[str, str]:
         _, err = proc.communicate()
         sys.stderr.write(err[-4000:])
         return "timeout", f"killed after {timeout:.0f} s"
+    finally:
+        if proc.poll() is None:  # we are being stopped (SIGTERM, Ctrl-C): take the section down with us
+            os.killpg(proc.pid, signal.SIGKILL)
     sys.stderr.write(err[-4000:])  # warnings and tracebacks, for the log
     if proc.returncode != 0:
         last = [line for line in err.strip().splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
@@ -151,7 +172,7 @@ def run_child(cmd: list[str], timeout: float) -> tuple[str, str]:
 
 def run_section(args) -> int:
     """The child's side: run one section's cases and append each row as soon as it is measured."""
-    from bench import gpu_sections
+    from bench import gpu_decode, gpu_sections
 
     ctx = gpu_sections.Context(toy=args.toy, deadline=time.monotonic() + args.deadline_s,
                                model=args.model or (None if args.toy else GGUF))
@@ -159,7 +180,8 @@ def run_section(args) -> int:
         runs = [(a, shlex.split(a)) for a in args.pytest] if args.pytest else pytest_runs(args.toy)
         rows = (run_pytest(label, pytest_args, ctx.deadline) for label, pytest_args in runs)
     else:
-        rows = getattr(gpu_sections, args.section)(ctx)
+        rows = {"attention": gpu_sections.attention, "quant": gpu_sections.quant, "train": gpu_sections.train,
+                "decode": gpu_decode.decode}[args.section](ctx)
     for row in rows:
         append_row(Path(args.rows), row)
         print("  " + "  ".join(f"{k}={fmt(v)}" for k, v in row.items() if k != "section"), flush=True)
