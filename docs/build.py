@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     if status == 0:
         print(f"docs: site built in {time.perf_counter() - start:.0f} s; open {args.out / 'index.html'}")
     else:
-        print("docs: the build failed (the warnings above say where)", file=sys.stderr)
+        print("docs: the build failed: the warnings above say where (.../src/ is the build's copy of docs/)",
+              file=sys.stderr)
     return status
 
 
