@@ -83,6 +83,7 @@ def _prose(page: str) -> str:
     return html.unescape(re.sub(r"<[^>]+>", " ", page))
 
 
+@pytest.mark.slow  # a strict build of the whole site, ~30 s on our CPU (once per module)
 def test_pages_exist(site):
     expected = ["index.html", "getting-started.html", "results.html", "development.html",
                 "design/layout.html", "design/model.html", "design/kernels.html", "design/site.html",
@@ -94,6 +95,7 @@ def test_pages_exist(site):
     assert not missing, f"the site lacks {missing}"
 
 
+@pytest.mark.slow  # a strict build of the whole site, ~30 s on our CPU (once per module)
 def test_reference_is_the_parsers_help(site):
     """Each command's page holds its --help as the parser formats it (generated, so it cannot drift)."""
     rows = docs_build.commands()
@@ -104,6 +106,7 @@ def test_reference_is_the_parsers_help(site):
             assert line.strip() in page, f"reference/{name}.html lacks {line.strip()!r}"
 
 
+@pytest.mark.slow  # a strict build of the whole site, ~30 s on our CPU (once per module)
 def test_math_is_mathml_and_no_raw_latex_is_left(site):
     pages = sorted(site.rglob("*.html"))
     raw = {}
@@ -117,6 +120,7 @@ def test_math_is_mathml_and_no_raw_latex_is_left(site):
     assert "<msqrt>" in attention
 
 
+@pytest.mark.slow  # a strict build of the whole site, ~30 s on our CPU (once per module)
 def test_site_needs_no_network(site):
     """Opened from disk, a page loads nothing from elsewhere: no remote script, style sheet or font."""
     remote = {}
@@ -129,6 +133,7 @@ def test_site_needs_no_network(site):
     assert "mathjax" not in " ".join(p.name.lower() for p in site.rglob("*"))
 
 
+@pytest.mark.slow  # a strict build of the whole site, ~30 s on our CPU (once per module)
 def test_executed_chapters_show_their_outputs(site):
     page = (site / "course" / f"{CHAPTERS[0].stem}.html").read_text(encoding="utf-8")
     assert "printed by the executed run" in page
@@ -137,6 +142,7 @@ def test_executed_chapters_show_their_outputs(site):
     assert images and all((site / "course" / src).resolve().is_file() for src in images)
 
 
+@pytest.mark.slow  # a second strict build, of a copy of docs/ with the broken link
 def test_a_broken_link_fails_the_strict_build(tmp_path, capsys):
     docs = tmp_path / "docs"
     shutil.copytree(docs_build.DOCS, docs, ignore=shutil.ignore_patterns("__pycache__"))
