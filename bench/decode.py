@@ -17,12 +17,16 @@ timed models have the same shape and random weights (speed does not depend on wh
     minillm engine     the server's continuous-batching engine (BatchEngine, flat steps) running
                        one request alone, detokenizing as it goes: within the window only, since
                        a served request must fit block_size
+    minillm int8/int4  "minillm" on a quantized checkpoint (int8 per channel, int4 group 32, head and
+                       embedding kept float as `minillm quantize` does by default), saved and loaded
+                       back as `minillm generate` loads it: load_model with default_backend(cpu),
+                       i.e. the C kernel of minillm/compress/cpu_kernel.py where it compiles
 
 Every case samples as sample.py does (temperature 0.8, top-k 200) at batch 1. Two scenarios: a
 4-token prompt + 60 tokens (all inside block_size 64) and a 16-token prompt + 1,000 tokens (almost
 all past it, where minillm re-prefills block_size - K + 1 tokens every K = block_size // 4). The
 cases run interleaved round by round, so a neighbour's load on a shared CPU hits every case alike;
-the table reports medians and the ratio to nanoGPT measured in the same rounds.
+the table reports medians and the ratios to nanoGPT and to fp32 "minillm" measured in the same rounds.
 """
 
 from __future__ import annotations
@@ -31,18 +35,21 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from bench.nanogpt import GPT, from_minillm
+from minillm.compress.quant import default_backend, quantize_model
 from minillm.data.tokenizer import CharTokenizer
 from minillm.generate.batching import BatchEngine, SamplingParams
 from minillm.generate.sampling import generate
 from minillm.model.builtin_ops import for_inference
 from minillm.model.config import ModelConfig
 from minillm.model.transformer import CausalLM
+from minillm.weights.checkpoint import load_model, save_model
 
 VOCAB = 65  # shakespeare-char's alphabet
 SAMPLE = dict(temperature=0.8, top_k=200)  # nanoGPT's sample.py defaults
@@ -64,7 +71,15 @@ def check_same_function(preset: str, new: int = 100) -> None:
         "fused minillm != nanoGPT"
 
 
-def cases(preset: str, engine: BatchEngine) -> dict:
+def quantized_model(preset: str, scheme: str, folder: Path) -> CausalLM:
+    """`minillm quantize` then `minillm generate`'s load: a checkpoint on disk, loaded with the
+    backend the CLI's --backend=auto picks (default_backend), then the fused ops."""
+    save_model(folder / scheme, quantize_model(minillm_model(preset), scheme, group_size=32))
+    model = load_model(folder / scheme, backend=default_backend("cpu"))[0]
+    return for_inference(model)
+
+
+def cases(preset: str, engine: BatchEngine, schemes: list[str], folder: Path) -> dict:
     readable = minillm_model(preset)
     fused = for_inference(minillm_model(preset))
     cfg = readable.cfg
@@ -77,6 +92,8 @@ def cases(preset: str, engine: BatchEngine) -> dict:
         "minillm": lambda idx, n: generate(fused, idx, n, **SAMPLE, flat_decode=True),
         "minillm stride=1": lambda idx, n: generate(fused, idx, n, **SAMPLE, window_stride=1, flat_decode=True),
         "minillm engine": lambda idx, n: engine.complete([idx[0].tolist()], params(n)),
+        **{f"minillm {scheme}": (lambda m: lambda idx, n: generate(m, idx, n, **SAMPLE, flat_decode=True))(
+            quantized_model(preset, scheme, folder)) for scheme in schemes},
     }
 
 
@@ -87,6 +104,7 @@ def main() -> None:
     ap.add_argument("--past", type=int, default=1000, help="new tokens after a 16-token prompt (past the window)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--schemes", default="int8,int4", help="quantized cases to add, comma-separated ('' for none)")
     ap.add_argument("--json", default=None, help="append the results as JSON lines to this file")
     ap.add_argument("--plot", default=None, help="write a bar chart of tokens/s to this PNG")
     args = ap.parse_args()
@@ -97,7 +115,9 @@ def main() -> None:
     engine = BatchEngine(for_inference(minillm_model(args.preset)), tokenizer, max_batch_size=1,
                          flat_decode=True).start()
     try:
-        run = cases(args.preset, engine)
+        with tempfile.TemporaryDirectory() as tmp:  # the quantized checkpoints, loaded back at once
+            run = cases(args.preset, engine, [s for s in args.schemes.split(",") if s], Path(tmp))
+        print(f"quantized layers on backend {default_backend('cpu')!r}")
         times = measure(run, args)
     finally:
         engine.shutdown()
@@ -128,17 +148,19 @@ def report(run: dict, measured: dict, args) -> None:
     scenarios, times = measured["scenarios"], measured["times"]
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
     print(f"{args.preset} preset, batch 1, temperature 0.8, top-k 200; median of {args.rounds} rounds; {machine}")
-    print(f"{'scenario':32} {'case':18} {'tokens/s':>9} {'ms/token':>9} {'vs nanoGPT':>10}")
+    print(f"{'scenario':32} {'case':18} {'tokens/s':>9} {'ms/token':>9} {'vs nanoGPT':>10} {'vs minillm':>10}")
     rows = []
     for s, (idx, n) in scenarios.items():
         base = statistics.median(times[(s, "nanoGPT")])
+        fp32 = statistics.median(times[(s, "minillm")])
         for name in run:
             if (s, name) not in times:
                 continue
             t = statistics.median(times[(s, name)])
             rows.append(dict(scenario=s, case=name, tokens_per_s=n / t, ms_per_token=1e3 * t / n,
-                             vs_nanogpt=base / t, rounds=args.rounds, preset=args.preset, machine=machine))
-            print(f"{s:32} {name:18} {n / t:9.1f} {1e3 * t / n:9.3f} {base / t:9.2f}x")
+                             vs_nanogpt=base / t, vs_minillm=fp32 / t, rounds=args.rounds, preset=args.preset,
+                             machine=machine))
+            print(f"{s:32} {name:18} {n / t:9.1f} {1e3 * t / n:9.3f} {base / t:9.2f}x {fp32 / t:9.2f}x")
     if args.json:
         with open(args.json, "a", encoding="utf-8") as f:
             for row in rows:

@@ -116,8 +116,8 @@ def _compile(compiler: str, flags: list[str], path: Path) -> str:
 
 def _declare(lib: ctypes.CDLL) -> None:
     i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    lib.minillm_quant_matmul.argtypes = [p, i32, i64, i64, p, i32, i64, i64, p, i32, p, i32, p, p, i32]
-    lib.minillm_quant_matmul.restype = i32
+    lib.minillm_qlinear.argtypes = [p, p, i32, i64, p, i32]
+    lib.minillm_qlinear.restype = i32
     lib.minillm_dequantize.argtypes = [p, i32, i64, i64, i64, p, i32, p, i32, p, i32]
     lib.minillm_dequantize.restype = None
     lib.minillm_has_avx2.restype = i32
@@ -142,37 +142,76 @@ def _cpu_flags() -> str:
 
 # --- the op ------------------------------------------------------------------------------------
 
+class _QLayer(ctypes.Structure):  # csrc/quant_cpu.c's QLayer, field for field
+    _fields_ = [("w", ctypes.c_void_p), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("G", ctypes.c_int64),
+                ("bits", ctypes.c_int32), ("s_type", ctypes.c_int32), ("z_type", ctypes.c_int32),
+                ("pad", ctypes.c_int32), ("s", ctypes.c_void_p), ("z", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class CpuLayer:
+    """One quantized layer's tensors, checked once and described to the C kernel: calling it costs a
+    few microseconds of Python, which matters when a small model's whole token takes a millisecond.
+    It holds the tensors it describes; QuantLinear rebuilds it when one of them is replaced."""
+
+    def __init__(self, weight_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None, scheme: str):
+        self.lib = load()
+        if self.lib is None:
+            raise RuntimeError(f"the CPU quantized matmul is unavailable: {why_unavailable()}")
+        N = weight_q.shape[0]
+        K = weight_q.shape[1] * (2 if scheme == "int4" else 1)
+        _check(weight_q.new_empty(0, K, dtype=torch.float32), weight_q, scales, zeros, scheme)
+        if bias is not None and bias.shape != (N,):
+            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+        self.tensors = (weight_q, scales, zeros, bias)  # kept alive: the C side holds their addresses
+        self.bias32 = bias.float().contiguous() if bias is not None else None
+        z = zeros if zeros is not None else scales  # int8: never read
+        self.N, self.K, self.bits = N, K, (8 if scheme == "int8" else 4)
+        self.G = K // scales.shape[1] if scales.dim() == 2 else 0  # 0 = int8 per output channel
+        self.desc = _QLayer(weight_q.data_ptr(), N, K, self.G, self.bits, _DTYPE_CODE[scales.dtype],
+                            _DTYPE_CODE[z.dtype], 0, scales.data_ptr(), z.data_ptr(),
+                            self.bias32.data_ptr() if self.bias32 is not None else None)
+        self.addr = ctypes.addressof(self.desc)
+
+    def __reduce__(self):  # a copied or pickled model rebuilds its description (addresses do not travel)
+        return type(None), ()
+
+    def describes(self, weight_q, scales, zeros, bias) -> bool:
+        w, s, z, b = self.tensors
+        return w is weight_q and s is scales and z is zeros and b is bias and w.data_ptr() == self.desc.w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        K, N = self.K, self.N
+        if x.shape[-1] != K or x.dtype not in _DTYPE_CODE or not x.is_cpu:
+            raise ValueError(f"x must be a CPU float32/bfloat16/float16 tensor (..., {K}), got {x.dtype} "
+                             f"{tuple(x.shape)} on {x.device}")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        M = x.numel() // K  # rows: x is read as (M, K), y written as (M, N), no reshape needed
+        if M >= GEMM_MIN_M:  # prefill: expand W once (bit-exact to the reference), then a float GEMM
+            w = torch.empty(N, K, dtype=torch.float32)
+            d = self.desc
+            self.lib.minillm_dequantize(d.w, self.bits, N, K, self.G, d.s, d.s_type, d.z, d.z_type, w.data_ptr(),
+                                        torch.get_num_threads())
+            return F.linear(x.float(), w, self.bias32).to(x.dtype)  # (..., N)
+        y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)  # (..., N)
+        if self.lib.minillm_qlinear(self.addr, x.data_ptr(), _DTYPE_CODE[x.dtype], M, y.data_ptr(),
+                                    torch.get_num_threads()):
+            raise MemoryError(f"quant_matmul_cpu: no memory for the quantized activations (M={M}, K={K})")
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 def quant_matmul_cpu(x: torch.Tensor, weight_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                     bias: torch.Tensor | None, scheme: str, group_size: int | None) -> torch.Tensor:
+                     bias: torch.Tensor | None, scheme: str, group_size: int | None = None) -> torch.Tensor:
     """x (..., K) float -> y (..., N) in x's dtype; the tensors as quant_format.py stores them:
     int8: weight_q (N, K) int8, scales (N,) or (N, K/G);  int4: weight_q (N, K/2) uint8, scales/zeros
-    (N, K/G). Scales, zeros and bias may each be fp32, bf16 or fp16. Inference only (no autograd)."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"the CPU quantized matmul is unavailable: {why_unavailable()}")
-    _check(x, weight_q, scales, zeros, scheme)
-    K, N = x.shape[-1], weight_q.shape[0]
-    G = K // scales.shape[1] if scales.dim() == 2 else 0  # 0 = int8 per output channel
-    bits = 8 if scheme == "int8" else 4
-    x2 = x.reshape(-1, K)  # (M, K)
-    M, n_threads = x2.shape[0], torch.get_num_threads()
-    zeros_ = zeros if zeros is not None else scales  # int8: never read
-    if M >= GEMM_MIN_M:  # prefill: expand W once, then a float GEMM
-        w = torch.empty(N, K, dtype=torch.float32)
-        lib.minillm_dequantize(weight_q.data_ptr(), bits, N, K, G, scales.data_ptr(), _DTYPE_CODE[scales.dtype],
-                               zeros_.data_ptr(), _DTYPE_CODE[zeros_.dtype], w.data_ptr(), n_threads)
-        y = F.linear(x2.float(), w, bias.float() if bias is not None else None)  # (M, N) fp32 GEMM
-        return y.to(x.dtype).reshape(*x.shape[:-1], N)
-    x2 = x2.contiguous()
-    y = torch.empty(M, N, dtype=torch.float32)
-    b = bias.float().contiguous() if bias is not None else None
-    rc = lib.minillm_quant_matmul(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, K, weight_q.data_ptr(), bits, N, G,
-                                  scales.data_ptr(), _DTYPE_CODE[scales.dtype], zeros_.data_ptr(),
-                                  _DTYPE_CODE[zeros_.dtype], b.data_ptr() if b is not None else None,
-                                  y.data_ptr(), n_threads)
-    if rc != 0:
-        raise MemoryError(f"quant_matmul_cpu: could not allocate the activation buffer for M={M}, K={K}")
-    return (y if x.dtype == torch.float32 else y.to(x.dtype)).reshape(*x.shape[:-1], N)
+    (N, K/G). Scales, zeros and bias may each be fp32, bf16 or fp16; the group size is read off the
+    shape of `scales` (group_size, when given, must agree). Inference only (no autograd)."""
+    if group_size is not None and scales.dim() == 2 and scales.shape[1] * group_size != x.shape[-1]:
+        raise ValueError(f"group_size={group_size} does not match scales {tuple(scales.shape)} for K={x.shape[-1]}")
+    if x.shape[-1] != weight_q.shape[-1] * (2 if scheme == "int4" else 1):
+        raise ValueError(f"x has K={x.shape[-1]} features but weight_q is {tuple(weight_q.shape)} ({scheme})")
+    return CpuLayer(weight_q, scales, zeros, bias, scheme)(x)
 
 
 def _check(x, weight_q, scales, zeros, scheme) -> None:

@@ -133,8 +133,19 @@ class QuantLinear(nn.Module):
             if not cpu_kernel.available():  # never a crash: say why once, and stay on the reference
                 warnings.warn(f"backend='cpu' unavailable: {cpu_kernel.why_unavailable()}", stacklevel=2)
                 backend = "reference"
-            self._kernel = cpu_kernel.quant_matmul_cpu
+            self._cpu = None  # built on the first call, from the tensors the layer then holds
         self.backend = backend
+
+    def _cpu_layer(self):
+        """The C kernel's description of this layer, rebuilt whenever a buffer has been replaced
+        (e.g. by .to() or a loader assigning new tensors); in-place copies need no rebuild."""
+        bufs = self._buffers  # (read directly: a module attribute lookup costs ~1 µs, per call)
+        if self._cpu is None or not self._cpu.describes(bufs["weight_q"], bufs["scales"], bufs.get("zeros"),
+                                                        bufs["bias"]):
+            from minillm.compress.cpu_kernel import CpuLayer
+
+            self._cpu = CpuLayer(self.weight_q, self.scales, self.zeros, self.bias, self.scheme)
+        return self._cpu
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize(self.scheme, self.weight_q, self.scales, self.zeros, dtype)  # (N, K)
@@ -146,7 +157,9 @@ class QuantLinear(nn.Module):
         return self.dequantized_weight(self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
-        if self.backend != "reference":
+        if self.backend == "cpu" and not x.requires_grad:  # (the kernel has no backward)
+            return self._cpu_layer()(x)
+        if self.backend == "triton":
             return self._kernel(x, self.weight_q, self.scales, self.zeros, self.bias, self.scheme, self.group_size)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.dequantized_weight(x.dtype), bias)

@@ -36,7 +36,8 @@
 #define USE_AVX2 0
 #endif
 
-#define QB 32  /* activation block: 32 inputs share one scale d_b */
+#define QB 32                     /* activation block: 32 inputs share one scale d_b */
+#define MIN_PARALLEL (1 << 17)    /* weights below which one thread is faster than waking the others */
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };  /* dtype codes for x, scales and zeros */
 
@@ -151,20 +152,24 @@ static float row_int4(const uint8_t *w, const void *s, int st, const void *z, in
 
 static float row_int8(const int8_t *w, const void *s, int st, int64_t n, int64_t K, int64_t G,
                       const int8_t *xq, const float *d) {
-    int64_t nfull = K / QB, ng = G ? K / G : 1, bpg = G ? G / QB : 1;
+    int64_t nfull = K / QB, ng = G ? K / G : 1, bpg = G ? G / QB : nfull;
     float acc_s = 0.0f;
 #if USE_AVX2
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nfull; b++) {
-        float c = G ? load_f(s, st, n * ng + b / bpg) * d[b] : d[b];  /* per channel: s[n] at the end */
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_int8_block(w + b * QB, xq + b * QB)), _mm256_set1_ps(c), acc);
-    }
-    acc_s = hsum(acc);
+#endif
+    for (int64_t g = 0, b = 0; b < nfull; g++) {
+        float sg = G ? load_f(s, st, n * ng + g) : 1.0f;  /* per channel: s[n] is applied at the end */
+        for (int64_t end = b + bpg; b < end; b++) {
+#if USE_AVX2
+            __m256 p = _mm256_cvtepi32_ps(dot_int8_block(w + b * QB, xq + b * QB));
+            acc = _mm256_fmadd_ps(p, _mm256_set1_ps(sg * d[b]), acc);
 #else
-    for (int64_t b = 0; b < nfull; b++) {
-        float c = G ? load_f(s, st, n * ng + b / bpg) * d[b] : d[b];
-        acc_s += c * (float)dot_int8_scalar(w + b * QB, xq + b * QB, QB);
+            acc_s += sg * d[b] * (float)dot_int8_scalar(w + b * QB, xq + b * QB, QB);
+#endif
+        }
     }
+#if USE_AVX2
+    acc_s = hsum(acc);
 #endif
     if (K % QB)  /* ragged tail (per channel only: groups are multiples of 32) */
         acc_s += d[nfull] * (float)dot_int8_scalar(w + nfull * QB, xq + nfull * QB, (int)(K % QB));
@@ -172,13 +177,19 @@ static float row_int8(const int8_t *w, const void *s, int st, int64_t n, int64_t
 }
 
 /* --- 4. the entry point ------------------------------------------------------------------------ */
-/* x (M, K) of dtype x_type, y (M, N) fp32. Threads split the N outputs: each thread reads its rows
- * of W once and, for M > 1, reuses each weight row (in L1) for all M activation rows. Returns 0, or
- * -1 when the scratch buffer cannot be allocated. */
-int minillm_quant_matmul(const void *x, int x_type, int64_t M, int64_t K, const void *w, int bits, int64_t N,
-                         int64_t G, const void *s, int s_type, const void *z, int z_type, const float *bias,
-                         float *y, int n_threads) {
-    int64_t nb = (K + QB - 1) / QB;
+/* One quantized layer, described once (cpu_kernel.py builds it when the layer's tensors change), so
+ * that a call from Python passes 6 arguments instead of 15: ctypes converts each one, every call. */
+typedef struct {
+    const void *w; int64_t N, K, G;     /* codes (N, K) int8 or (N, K/2) uint8; G = 0: int8 per channel */
+    int32_t bits, s_type, z_type, pad;  /* 8 or 4; dtype codes of scales and zeros */
+    const void *s, *z; const float *bias;
+} QLayer;
+
+/* y (M, N) fp32 = x (M, K) @ Ŵᵀ + b. Threads split the N outputs: each thread reads its rows of W
+ * once and, for M > 1, reuses each weight row (from L1) for all M activation rows. Returns 0, or -1
+ * when the scratch buffer cannot be allocated. */
+int minillm_qlinear(const QLayer *L, const void *x, int x_type, int64_t M, float *y, int n_threads) {
+    int64_t N = L->N, K = L->K, G = L->G, nb = (K + QB - 1) / QB;
     size_t per_row = nb * QB + nb * (sizeof(float) * 2 + sizeof(int32_t));
     char *scratch = malloc((size_t)M * per_row);
     if (!scratch) return -1;
@@ -187,17 +198,17 @@ int minillm_quant_matmul(const void *x, int x_type, int64_t M, int64_t K, const 
     int32_t *sq = (int32_t *)(sx + M * nb);
     size_t x_bytes = x_type == F32 ? 4 : 2;
     for (int64_t m = 0; m < M; m++)
-        quantize_row((const char *)x + m * K * x_bytes, x_type, K, bits == 4, xq + m * nb * QB, d + m * nb,
+        quantize_row((const char *)x + m * K * x_bytes, x_type, K, L->bits == 4, xq + m * nb * QB, d + m * nb,
                      sq + m * nb, sx + m * nb);
-    if (n_threads < 1 || N * K < (1 << 15)) n_threads = 1;  /* a small layer: waking threads costs more */
+    if (n_threads < 1 || N * K < MIN_PARALLEL) n_threads = 1;  /* small layer: waking threads costs more */
     #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m = 0; m < M; m++) {
-            float acc = bits == 4
-                ? row_int4((const uint8_t *)w + n * (K / 2), s, s_type, z, z_type, n, K, G,
+            float acc = L->bits == 4
+                ? row_int4((const uint8_t *)L->w + n * (K / 2), L->s, L->s_type, L->z, L->z_type, n, K, G,
                            xq + m * nb * QB, d + m * nb, sq + m * nb, sx + m * nb)
-                : row_int8((const int8_t *)w + n * K, s, s_type, n, K, G, xq + m * nb * QB, d + m * nb);
-            y[m * N + n] = acc + (bias ? bias[n] : 0.0f);
+                : row_int8((const int8_t *)L->w + n * K, L->s, L->s_type, n, K, G, xq + m * nb * QB, d + m * nb);
+            y[m * N + n] = acc + (L->bias ? L->bias[n] : 0.0f);
         }
     }
     free(scratch);
