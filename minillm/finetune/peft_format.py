@@ -187,3 +187,32 @@ def load_peft_adapter(folder, model: torch.nn.Module) -> torch.nn.Module:
                 m.lora_A[:A.shape[0]] = A
                 m.lora_B[:, :B.shape[1]] = B
     return model
+
+
+# --- a fine-tune run's adapter, exported ------------------------------------------------------------
+
+def peft_from_run(run, out_dir) -> dict:
+    """Write the LoRA adapter of a `minillm finetune --lora_rank=...` run (its OUT/adapter/, minillm's
+    format) as a PEFT folder in out_dir; returns {"path", "base", "rank", "targets", "tensors"}.
+
+    run: the run folder (holding adapter/ and checkpoints/) or its adapter/ folder. The run's own
+    checkpoint gives the architecture (its weights are the merged model; only A and B are written)."""
+    from minillm.finetune.lora import load_adapter
+    from minillm.weights.checkpoint import find_checkpoint, load_model
+
+    run = Path(run)
+    adapter = run / "adapter" if (run / "adapter").is_dir() else run
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{run} holds no LoRA adapter (no adapter/{ADAPTER_CONFIG}): pass the --out_dir "
+                                "of a `minillm finetune --lora_rank=...` run")
+    meta = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    if meta.get("head"):
+        raise ValueError(f"{adapter} belongs to a classifier (head {', '.join(meta['head'])}): PEFT export writes "
+                         "causal-LM adapters, whose base is a Hugging Face causal LM")
+    run_dir = run if adapter != run else run.parent
+    model, _, _ = load_model(find_checkpoint(run_dir))
+    load_adapter(adapter, model)  # minillm's A and B onto the run's architecture
+    folder = save_peft_adapter(out_dir, model, base=meta.get("base"))
+    tensors, targets = peft_tensors(model)
+    return {"path": str(folder), "base": meta.get("base"), "rank": model.lora_config["rank"],
+            "targets": targets, "tensors": len(tensors)}

@@ -93,6 +93,10 @@ def save(model, cfg: FinetuneConfig, step: int, tokenizer, head: list[str], meta
                         for k, v in getattr(model, h).state_dict().items()}
         if head_weights:  # the task's own modules: an adapter alone cannot rebuild a fresh head
             write_bytes(out / "adapter" / "head.safetensors", st_save(head_weights))
+        else:  # a causal LM's adapter: PEFT's files too, for the Hugging Face export of the base
+            from minillm.finetune.peft_format import add_peft_files
+
+            add_peft_files(out / "adapter", model, base=meta.get("base"))
     return folder
 
 
