@@ -66,6 +66,8 @@ def commands() -> list[tuple[str, str, str]]:
 
     with _columns(HELP_COLUMNS):
         parser = build_parser()
+        # argparse keeps its subcommands in private attributes (_actions, _choices_actions): the only way
+        # to reach them, and what argparse's own help formatter reads
         sub = next(a for a in parser._actions if isinstance(a, ap._SubParsersAction))
         summaries = {a.dest: a.help or "" for a in sub._choices_actions}  # the text `minillm --help` lists
         rows = [("minillm", parser.description or "", parser.format_help())]
