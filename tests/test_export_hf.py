@@ -204,3 +204,24 @@ def test_smollm2_from_gguf_exports_to_transformers(tmp_path):
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=2e-4, rtol=0)
     assert hf.generate(idx, max_new_tokens=8, do_sample=False).tolist() == \
         generate(model, idx, max_new_tokens=8, temperature=0).tolist()
+
+
+def test_cli_gguf_branch_writes_a_file_minillm_reads_back(tmp_path, capsys):
+    """The --format=gguf branch calls weights.gguf_write (tests/test_gguf_write.py tests the writer)."""
+    tok = bpe()
+    model = tiny(tok.vocab_size, **FAMILIES["llama"])
+    save_model(tmp_path / "ckpt", model, tok)
+    assert main(["export", str(tmp_path / "ckpt"), "--format=gguf", f"--out={tmp_path / 'm.gguf'}"]) == 0
+    assert "(f32)" in capsys.readouterr().out
+    back, tok2, _ = load_model(tmp_path / "m.gguf")
+    idx = torch.randint(0, tok.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], model(idx)[0])  # f32: the same numbers
+    assert tok2.encode(TEXT) == tok.encode(TEXT)
+
+
+def test_refuses_a_masked_lm_to_gguf(tmp_path, capsys):
+    torch.manual_seed(0)
+    bert = MaskedLM(ModelConfig(vocab_size=320, block_size=16, n_layer=1, n_head=2, n_embd=16, causal=False))
+    refusal(tmp_path, capsys, bert, "--format=gguf", "--type=q8_0", f"--out={tmp_path / 'x.gguf'}")
+    assert not (tmp_path / "x.gguf").exists()
