@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,6 @@ class Context:
     toy: bool  # tiny shapes, few repetitions: a CPU smoke run through Triton's interpreter
     deadline: float  # time.monotonic() after which a section starts no new case (its time box)
     model: str | None = None  # the GGUF (name or path) the decode section loads; None: random weights only
-    pytest_runs: list = field(default_factory=list)  # [(label, [pytest args])] for the tests section
 
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline

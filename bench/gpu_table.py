@@ -159,7 +159,7 @@ def run_child(cmd: list[str], timeout: float) -> tuple[str, str]:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole group: a pytest it started goes too
         _, err = proc.communicate()
         sys.stderr.write(err[-4000:])
-        return "timeout", f"killed after {timeout:.0f} s"
+        return "timeout", f"killed after {timeout:.0f} s, inside a case (the rows before it are kept)"
     finally:
         if proc.poll() is None:  # we are being stopped (SIGTERM, Ctrl-C): take the section down with us
             os.killpg(proc.pid, signal.SIGKILL)
@@ -200,6 +200,9 @@ def run_pytest(label: str, pytest_args: list[str], deadline: float) -> dict:
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})  # its lines so far, if it is stopped
         text = res.stdout
         summary = [line for line in text.splitlines() if line.startswith("=") and " in " in line][-1:]
+        if res.returncode in (2, 3, 4):  # interrupted, internal error, usage error: pytest did not run the tests
+            last = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()][-1:] or ["?"]
+            row.update(status="failed", reason=f"pytest exited {res.returncode}: {last[0][:300]}")
     except subprocess.TimeoutExpired as e:
         out = e.stdout or b""
         text, summary = (out.decode(errors="replace") if isinstance(out, bytes) else out), []

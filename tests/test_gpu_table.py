@@ -137,3 +137,10 @@ def test_an_unknown_section_is_named(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         gpu_table.main(["--toy", f"--out={tmp_path}", "--sections=attention,qaunt"])
     assert "unknown section 'qaunt'" in capsys.readouterr().err
+
+
+def test_a_pytest_that_cannot_start_is_a_failed_row(tmp_path):
+    import time
+
+    row = gpu_table.run_pytest("sample", [str(tmp_path / "no_such_test.py")], time.monotonic() + 120)
+    assert row["status"] == "failed" and "pytest exited 4" in row["reason"]
