@@ -25,10 +25,28 @@ and `minillm serve`): the decode core (minillm/generate/core.py) takes this bran
 whenever the modules must run themselves: forward hooks registered (they would not fire), a model
 other than CausalLM, a block or attention of a type it does not know (a new layer falls back to
 its modules instead of breaking here), or embeddings it does not reproduce (token types, an
-embedding norm). Prefill and re-prefill (T > 1) always run through the modules.
+embedding norm). Prefill and re-prefill (T > 1) always run through the modules: one forward over
+the whole prompt, whose matmuls are large enough that the module tree's cost does not show.
+
+A 30-layer grouped-query model (SmolLM2-135M: RMSNorm, RoPE, 9 query heads sharing 3 key/value
+heads, SwiGLU) runs flat too. Its step asks each layer's Rotary once, for the query and key heads
+together: RoPE is elementwise per head, so rotating the (H + H_kv) heads in one call gives the
+same bits as two calls, and saves ~14 tensor calls per layer. The KV cache it writes into
+(attention.KVCache) is preallocated to max_len: a step writes one column and reads a view, it
+never reallocates or concatenates.
+
+`compile=True` hands the whole step to torch.compile (gpt-fast's `decode_one_token`): Inductor
+fuses the small ops between the matmuls and the Python between them disappears. It is not bit for
+bit (fused kernels round differently, ~1e-7 relative on fp32 logits), it compiles the first steps
+(minutes on a small CPU; once more when the cache length first changes, then shapes are
+symbolic), and it needs a C++ compiler on a CPU. So it is off by default; bench/flat_compile.py
+measures whether it pays for itself.
 """
 
 from __future__ import annotations
+
+import itertools
+import weakref
 
 import torch
 import torch.nn as nn
@@ -45,6 +63,15 @@ def _has_hooks(model: nn.Module) -> bool:
     return any(globals_) or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+# model -> (what its weights were, its compiled FlatDecoder): a new generation reuses the compiled
+# step instead of compiling again (minutes), as long as the model's modules and tensors are the same
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, FlatDecoder]]" = weakref.WeakKeyDictionary()
+
+
+def _identity(model: nn.Module) -> tuple[int, ...]:
+    return tuple(map(id, itertools.chain(model.modules(), model.parameters(), model.buffers())))
+
+
 def _ffn_fn(ffn: nn.Module):
     """The FFN's one-token step: FeedForward binds its own weights; any other FFN runs its forward."""
     return ffn.bound_forward() if type(ffn) is FeedForward else ffn.forward
@@ -53,7 +80,7 @@ def _ffn_fn(ffn: nn.Module):
 class FlatDecoder:
     """`step(idx (B, 1), cache, positions, key_padding_mask) -> logits (B, V)` for a CausalLM."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, compile: bool | str = False):
         tr, cfg = model.transformer, model.cfg
         self.cfg = cfg
         self.tok_emb = tr.tok_emb.weight
@@ -70,10 +97,19 @@ class FlatDecoder:
         self.final_norm = bound_forward(tr.final_norm) if tr.final_norm is not None else None
         self.lm_head = bound_forward(model.lm_head)
         self.H, self.H_kv = cfg.n_head, cfg.kv_heads
+        # torch.compile traces `_step` once per new set of shapes; dynamic=True keeps the growing
+        # cache length symbolic instead of compiling again for every token
+        backend = "inductor" if compile is True else compile
+        self.step = torch.compile(self._step, dynamic=True, backend=backend) if compile else self._step
 
     @classmethod
-    def build(cls, model: nn.Module) -> "FlatDecoder | None":
-        """A FlatDecoder for `model` now (weights as they are), or None if the modules must run."""
+    def build(cls, model: nn.Module, compile: bool | str = False) -> "FlatDecoder | None":
+        """A FlatDecoder for `model` now (weights as they are), or None if the modules must run.
+
+        compile: True runs each step through torch.compile with Inductor (see the module docstring:
+        not bit for bit, off by default); a string names another torch.compile backend ("eager"
+        traces the step with Dynamo and runs the same ops: how the tests check the tracing). The
+        compiled decoder is kept per model, so the next generation does not compile again."""
         from minillm.model.transformer import Block, CausalLM, Transformer
 
         if type(model) is not CausalLM or model.training or _has_hooks(model):
@@ -86,11 +122,17 @@ class FlatDecoder:
             return None
         if tr.pos_emb is not None and not isinstance(tr.pos_emb, (SinusoidalPositions, LearnedPositions)):
             return None
-        return cls(model)
+        if not compile:
+            return cls(model)
+        key = (_identity(model), compile)
+        seen = _COMPILED.get(model)
+        if seen is None or seen[0] != key:
+            seen = _COMPILED[model] = (key, cls(model, compile))
+        return seen[1]
 
-    def step(self, idx: torch.Tensor, cache, positions: torch.Tensor | None = None,
-             key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Transformer.forward + CausalLM.forward for one new token per row, in eval mode.
+    def _step(self, idx: torch.Tensor, cache, positions: torch.Tensor | None = None,
+              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`step`: Transformer.forward + CausalLM.forward for one new token per row, in eval mode.
 
         idx (B, 1); positions (B, 1) or None (then the cache's length, as Transformer.forward
         counts); key_padding_mask (B, Tk) True = real key, or None. Returns logits (B, V)."""
@@ -109,9 +151,10 @@ class FlatDecoder:
         for layer, (norm1, qkv, rotary, proj, norm2, ffn) in enumerate(self.layers):
             h = norm1(x) if cfg.prenorm else x
             heads = qkv(h).view(B, 1, H + 2 * H_kv, -1).transpose(1, 2)  # (B, H + 2·H_kv, 1, D)
-            q, k, v = heads.split_with_sizes([H, H_kv, H_kv], dim=1)
+            qk, v = heads.split_with_sizes([H + H_kv, H_kv], dim=1)  # (B, H + H_kv, 1, D), (B, H_kv, 1, D)
             if rotary is not None:
-                q, k = rotary(q, positions), rotary(k, positions)
+                qk = rotary(qk, positions)  # one call for q and k: elementwise, the same bits as two
+            q, k = qk.split_with_sizes([H, H_kv], dim=1)  # (B, H, 1, D), (B, H_kv, 1, D)
             k, v = cache.update(layer, k, v)  # (B, H_kv, Tk, D)
             kpm = key_padding_mask
             if kpm is not None and kpm.shape[-1] > k.shape[-2]:

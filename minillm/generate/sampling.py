@@ -182,6 +182,7 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
     1 = nanoGPT's sliding window (always block_size tokens); None = block_size // 4.
     flat_decode: run cached one-token steps through minillm.generate.flat (the same ops without
     the module tree: the same tokens, less Python per token); prefills still run the modules.
+    "compile": those steps through torch.compile (FlatDecoder's compile=True; not bit for bit).
     """
     idx, mask, stride = _fit_prompt(model, idx, key_padding_mask, window_stride)
     B, block_size = idx.shape[0], model.cfg.block_size
@@ -191,7 +192,8 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: 
         # invariant: idx (mask) + the tokens in `pending` are the context the model conditions on
         # (what the cache holds); n counts its columns, pads included
         cache = model.new_cache(B, block_size) if use_cache else None
-        flat = FlatDecoder.build(model) if flat_decode and cache is not None else None  # None: the modules
+        flat = (FlatDecoder.build(model, compile=flat_decode == "compile")  # None: the modules run
+                if flat_decode and cache is not None else None)
         logits = prefill(model, idx, cache, mask)  # (B, V); uncached: the first whole-context step
         pending: list[torch.Tensor] = []  # tokens sampled since idx was last rebuilt, each (B,)
         n = idx.shape[1]

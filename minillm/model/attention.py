@@ -280,7 +280,7 @@ def attention_dispatch(impl: str, q, k, v, causal: bool, key_padding_mask, dropo
         if key_padding_mask is None and window is None and (not causal or Tq == Tk or Tq == 1):
             # Tq == Tk: SDPA's own causal mask; Tq == 1: a decode step sees every key, no mask at all
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
-                                                  is_causal=causal and Tq == Tk and Tq > 1, **gqa)
+                                                  is_causal=causal and Tq > 1 and Tq == Tk, **gqa)
         # SDPA's is_causal is top-left aligned and has no window, so pass our mask explicitly
         mask = build_mask(Tq, Tk, causal, key_padding_mask, q.device, window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
