@@ -387,15 +387,17 @@ def load_tokenizer_file(file: Path):
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", backend: str | None = None,
-               **config_overrides):
+               keep_quantized: bool = False, **config_overrides):
     """(model, tokenizer or None, config dict) from a checkpoint, float or quantized.
 
     path: a checkpoint folder, a training run's out_dir (its newest complete checkpoint), a
     Hugging Face model folder (minillm.weights.huggingface.load_hf_folder), a llama GGUF file
     (minillm.weights.gguf_llama.load_gguf), or the name of a pulled model (minillm.weights.pull).
     config_overrides: fields that do not alter the weights, e.g. attention="sdpa".
-    backend (quantized models only): the matmul of the quantized layers; None picks "triton" on
-    CUDA with triton installed, "reference" otherwise.
+    backend (quantized models only): the matmul of the quantized layers; None picks the fastest
+    that runs here (compress.quant.default_backend: "triton" on CUDA, "cpu" on a CPU with a compiler).
+    keep_quantized (GGUF files only): keep the file's quantized blocks as QuantLinear layers instead
+    of dequantizing every weight to fp32 (gguf_keep.py); other formats ignore it.
     """
     from minillm.weights.huggingface import is_hf_folder, load_hf_folder
     from minillm.weights.pull import resolve
@@ -413,14 +415,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", backend: st
         from minillm.data.tokenizer_gguf import GGUFTokenizer
         from minillm.weights.gguf import GGUFError
 
-        model, meta = load_gguf(path, **config_overrides)
+        model, meta = load_gguf(path, keep_quantized, **config_overrides)
         try:  # the tokenizer (and chat template) travel in the file's metadata
             tokenizer = GGUFTokenizer.from_metadata(meta["gguf"]["metadata"])
         except (KeyError, TypeError) as e:
             raise GGUFError(f"{path}: incomplete tokenizer metadata ({e})") from None
         except ValueError as e:
             raise GGUFError(f"{path}: {e}") from None
-        return model.to(device), tokenizer, meta
+        model.to(device)
+        if keep_quantized:
+            from minillm.weights.gguf_keep import set_kept_backend
+
+            set_kept_backend(model, backend)
+        return model, tokenizer, meta
     folder = find_checkpoint(path)
     verify(folder)
     meta = read_config(folder)
@@ -439,7 +446,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", backend: st
             # Rebuild the same module tree: the fresh float model quantized the same way (its codes
             # are then overwritten by the stored ones; strict loading catches any mismatch).
             quantize_model(model, q.get("scheme"), q.get("group_size") or 128, q.get("include_embeddings", False),
-                           q.get("include_head", False), backend="reference")
+                           q.get("include_head", False), backend="reference", int8_groups=bool(q.get("int8_groups")))
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{folder / CONFIG_FILE}: quantization {q}: {e}") from None
         load_weights(model, folder / MODEL_FILE)

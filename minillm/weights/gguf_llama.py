@@ -2,6 +2,7 @@
 
     >>> model, info = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # every weight dequantized to fp32
     >>> model, tokenizer, meta = load_model("SmolLM2-135M-Instruct.Q4_1.gguf")   # the same, via checkpoint.py
+    >>> model, info = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", keep_quantized=True)   # blocks kept
 
 The shape of the model comes from the `llama.*` metadata keys; the weights from the tensors, named
 the llama.cpp way (Linear weights are (out, in) once gguf.py has reversed ggml's dimension order):
@@ -22,7 +23,10 @@ q and k rows are already in minillm's order, and are copied as they are. tests/t
 this to transformers' logits on the same file.
 
 Weights are dequantized one tensor at a time straight into the model's parameters, so the peak
-memory is the fp32 model plus one tensor, plus the memory-mapped file's pages.
+memory is the fp32 model plus one tensor, plus the memory-mapped file's pages. With keep_quantized=True
+they are not dequantized at all: Q4_0/Q4_1/Q4_K blocks become minillm's int4 (group 32) and Q8_0
+int8 (group 32) bit for bit, in QuantLinear / QuantEmbedding modules (gguf_keep.py says how and
+what the other types cost), and no fp32 copy of the model is ever made.
 """
 
 from __future__ import annotations
@@ -141,8 +145,10 @@ DEFAULT_CONTEXT = 2048  # tokens of context load_gguf keeps unless told otherwis
 
 
 @torch.no_grad()
-def load_gguf(path: str | Path, **config_overrides) -> tuple[CausalLM, dict]:
-    """(CausalLM with fp32 weights, info) from a llama GGUF file.
+def load_gguf(path: str | Path, keep_quantized: bool = False, **config_overrides) -> tuple[CausalLM, dict]:
+    """(CausalLM with fp32 weights, info) from a llama GGUF file; with keep_quantized=True the linear
+    layers, token embedding and tied head hold the file's blocks as QuantLinear (backend "reference";
+    gguf_keep.build_kept_model) and info["gguf"]["kept"] says which tensors were exact.
 
     config_overrides: ModelConfig fields that do not alter the weights, e.g. block_size=8192 or
     attention="sdpa". block_size defaults to the file's context_length (the longest context the
@@ -159,6 +165,25 @@ def load_gguf(path: str | Path, **config_overrides) -> tuple[CausalLM, dict]:
         raise GGUFError(f"{f.path}: {e}") from None
     wanted = llama_tensor_map(cfg.n_layer, cfg.tie_weights)
     _check_names(f, wanted, cfg.n_layer)
+    kept = None
+    if keep_quantized:
+        from minillm.weights.gguf_keep import build_kept_model  # imports the compressor's QuantLinear
+
+        model, kept = build_kept_model(f, cfg, wanted)
+    else:
+        model = _dequantized_model(f, cfg, wanted)
+    info = {"model": cfg.to_dict(),
+            "gguf": {"path": str(f.path), "version": f.version, "architecture": f.architecture,
+                     "name": f.metadata.get("general.name"),
+                     "tensor_types": dict(Counter(t.type_name for t in f.tensors.values())),
+                     "metadata": f.metadata}}
+    if kept is not None:
+        info["gguf"]["kept"] = kept
+    return model, info
+
+
+def _dequantized_model(f: GGUFFile, cfg: ModelConfig, wanted: dict[str, tuple[str, ...]]) -> CausalLM:
+    """A float32 CausalLM filled tensor by tensor from the file's dequantized weights."""
     model = CausalLM(cfg)
     params = model.state_dict()  # shares storage with the parameters: copy_ fills the model
     assert set(params) - {"lm_head.weight"} <= set(wanted), sorted(set(params) - set(wanted))
@@ -169,13 +194,7 @@ def load_gguf(path: str | Path, **config_overrides) -> tuple[CausalLM, dict]:
             raise GGUFError(f"{f.path}: {shapes} do not make {ours} of shape {list(params[ours].shape)} "
                             "(the llama.* metadata and the tensors disagree)")
         params[ours].copy_(torch.from_numpy(w))
-    model.eval()
-    info = {"model": cfg.to_dict(),
-            "gguf": {"path": str(f.path), "version": f.version, "architecture": f.architecture,
-                     "name": f.metadata.get("general.name"),
-                     "tensor_types": dict(Counter(t.type_name for t in f.tensors.values())),
-                     "metadata": f.metadata}}
-    return model, info
+    return model.eval()
 
 
 def is_gguf_file(path: str | Path) -> bool:
