@@ -136,7 +136,7 @@ class CausalLM(nn.Module):
         """An empty KV cache for `batch_size` rows of up to max_len (block_size) tokens; with a
         sliding window it keeps the last W-1 tokens, plus `spare` to allow rewinding that far."""
         cfg = self.cfg
-        p = self.transformer.tok_emb.weight  # a float parameter even when linear layers are quantized
+        p = next(self.parameters())  # a float one (a norm's at least), even with a quantized embedding
         # H_kv heads (grouped-query attention stores only those); a sliding window keeps W-1 tokens
         return KVCache(cfg.n_layer, batch_size, cfg.kv_heads, max_len or cfg.block_size, cfg.head_dim,
                        device=device or p.device, dtype=dtype or p.dtype, window=cfg.sliding_window,
