@@ -15,14 +15,23 @@ import torch
 
 def machine(threads: int) -> dict:
     """The CPU model (from /proc/cpuinfo), core count, thread count and library versions."""
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), []
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            info = dict(line.split(":", 1) for line in f if ":" in line)  # the last core's lines (all alike)
+        cpu = info.get("model name\t", cpu).strip()
+        flags = info.get("flags\t\t", "").split()
     except OSError:
         pass
-    out = {"kind": "machine", "cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-           "python": platform.python_version()}
+    # the SIMD a CPU kernel can use: the issue's machine has AVX2 and FMA, no AVX-512
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    out = {"kind": "machine", "cpu": cpu, "simd": simd, "cores": os.cpu_count(), "threads": threads,
+           "torch": torch.__version__, "python": platform.python_version()}
+    try:  # QuantLinear's "cpu" backend (issue 27 item 1): whether its C kernel compiled here, and if not why
+        from minillm.compress import cpu_kernel
+        out["cpu_kernel"] = "available" if cpu_kernel.available() else cpu_kernel.why_unavailable()
+    except ImportError:
+        out["cpu_kernel"] = "not in this checkout"
     for name, module in (("transformers", "transformers"), ("llama_cpp_python", "llama_cpp")):
         try:
             out[name] = __import__(module).__version__
@@ -99,7 +108,7 @@ def _fmt(x, digits=1):
 def markdown(records: list[dict], scenario_names: list[str]) -> str:
     """The README's tables: tokens/s per row and scenario, quality, memory, goals."""
     m = next(r for r in records if r["kind"] == "machine")
-    lines = [f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}"
+    lines = [f"{m['cpu']} ({'/'.join(m['simd']) or 'no AVX2'}), {m['cores']} cores, {m['threads']} threads, torch {m['torch']}"
              f"{', transformers ' + m['transformers'] if m['transformers'] else ''}"
              f"{', llama-cpp-python ' + m['llama_cpp_python'] if m['llama_cpp_python'] else ''}", "",
              "| runtime | " + " | ".join(f"decode tok/s {s}" for s in scenario_names)
