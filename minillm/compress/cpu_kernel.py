@@ -74,13 +74,13 @@ def load(cc: str | None = None) -> ctypes.CDLL | None:
     return _loaded[cc][0]
 
 
-def _build_and_load(cc: str | None) -> ctypes.CDLL:
+def _build_and_load(cc: str | None, flag_sets: list[list[str]] | None = None) -> ctypes.CDLL:
     compiler = cc or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler or not shutil.which(compiler):
         raise RuntimeError(f"no C compiler found ({compiler or 'cc, gcc, clang'}: set CC or install gcc); "
                            "using the reference path")
     source = SOURCE.read_bytes()
-    flag_sets = [FLAGS + ["-march=native", "-fopenmp"], FLAGS + ["-fopenmp"], FLAGS]  # best first
+    flag_sets = flag_sets or [FLAGS + ["-march=native", "-fopenmp"], FLAGS + ["-fopenmp"], FLAGS]  # best first
     errors = []
     for flags in flag_sets:
         key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
@@ -154,8 +154,8 @@ class CpuLayer:
     It holds the tensors it describes; QuantLinear rebuilds it when one of them is replaced."""
 
     def __init__(self, weight_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 bias: torch.Tensor | None, scheme: str):
-        self.lib = load()
+                 bias: torch.Tensor | None, scheme: str, lib: ctypes.CDLL | None = None):
+        self.lib = lib or load()
         if self.lib is None:
             raise RuntimeError(f"the CPU quantized matmul is unavailable: {why_unavailable()}")
         N = weight_q.shape[0]

@@ -38,6 +38,7 @@
 
 #define QB 32                     /* activation block: 32 inputs share one scale d_b */
 #define MIN_PARALLEL (1 << 17)    /* weights below which one thread is faster than waking the others */
+#define R 4                       /* output rows computed together (AVX2) */
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };  /* dtype codes for x, scales and zeros */
 
@@ -62,12 +63,13 @@ static inline float load_f(const void *p, int type, int64_t i) {
 }
 
 /* --- 1. quantize the activations, one row at a time ----------------------------------------- */
-/* Row x (K,) -> xq (nb·QB,) int8, d (nb,) scales, sq (nb,) Σxq, sx (nb,) exact Σx, nb = ceil(K/QB).
+/* Row x (K,) -> xq (nb·QB,) int8 and d (nb,) scales, nb = ceil(K/QB); for int4 also, per group of G,
+ * gsx = Σx (exact) and gdsq = Σ_b d_b·Σxq (for the -8 of (q - 8)), so the hot loop needs neither.
  * A ragged last block (int8 with K % 32 != 0) is zero-padded. `split` stores each block as its even
  * entries then its odd entries (the int4 layout above). Rounding is half-to-even, as torch.round. */
-static void quantize_row(const void *x, int x_type, int64_t K, int split,
-                         int8_t *xq, float *d, int32_t *sq, float *sx) {
-    int64_t nb = (K + QB - 1) / QB;
+static void quantize_row(const void *x, int x_type, int64_t K, int64_t G, int split,
+                         int8_t *xq, float *d, float *gsx, float *gdsq) {
+    int64_t nb = (K + QB - 1) / QB, bpg = G ? G / QB : 1;
     for (int64_t b = 0; b < nb; b++) {
         float v[QB] = {0}, amax = 0.0f, sum = 0.0f;
         int64_t n = K - b * QB < QB ? K - b * QB : QB;
@@ -81,34 +83,18 @@ static void quantize_row(const void *x, int x_type, int64_t K, int split,
         for (int i = 0; i < QB; i++) {
             int8_t q = (int8_t)nearbyintf(v[i] * id);
             isum += q;
-            int pos = split ? (i % 2) * (QB / 2) + i / 2 : i;  /* evens first, then odds */
-            xq[b * QB + pos] = q;
+            xq[b * QB + (split ? (i % 2) * (QB / 2) + i / 2 : i)] = q;  /* split: evens first, then odds */
         }
-        d[b] = db; sq[b] = isum; sx[b] = sum;
+        d[b] = db;
+        if (split) {
+            if (b % bpg == 0) gsx[b / bpg] = gdsq[b / bpg] = 0.0f;
+            gsx[b / bpg] += sum;
+            gdsq[b / bpg] += db * (float)isum;
+        }
     }
 }
 
-/* --- 2. one block of 32 integer products ------------------------------------------------------ */
-#if USE_AVX2
-static inline __m256i dot_int4_block(const uint8_t *w, const int8_t *xq) {  /* -> 8 int32 partial sums */
-    __m128i bytes = _mm_loadu_si128((const __m128i *)w);                      /* 16 bytes = 32 codes */
-    __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes),
-                                 _mm256_set1_epi8(0x0F));                     /* [16 even k | 16 odd k] */
-    __m256i p16 = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)xq));
-    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-}
-static inline __m256i dot_int8_block(const int8_t *w, const int8_t *xq) {
-    __m256i q = _mm256_loadu_si256((const __m256i *)w), v = _mm256_loadu_si256((const __m256i *)xq);
-    __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(v, q));  /* |q| · sign(q)·xq */
-    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-}
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#endif
-
+/* --- 2. integer dot products --------------------------------------------------------------------- */
 static inline int32_t dot_int4_scalar(const uint8_t *w, const int8_t *xq) {
     int32_t acc = 0;
     for (int j = 0; j < QB / 2; j++)
@@ -121,59 +107,128 @@ static inline int32_t dot_int8_scalar(const int8_t *w, const int8_t *xq, int n) 
     return acc;
 }
 
-/* --- 3. one output: row n of W against one quantized activation row ------------------------- */
-/* G = group size (int4, grouped int8) or 0 (int8 per channel). ng = groups per row. */
-static float row_int4(const uint8_t *w, const void *s, int st, const void *z, int zt, int64_t n, int64_t K,
-                      int64_t G, const int8_t *xq, const float *d, const int32_t *sq, const float *sx) {
-    int64_t ng = K / G, bpg = G / QB;
-    float acc_s = 0.0f, corr = 0.0f;
 #if USE_AVX2
-    __m256 acc = _mm256_setzero_ps();
-#endif
-    for (int64_t g = 0; g < ng; g++) {
-        float sg = load_f(s, st, n * ng + g), zg = load_f(z, zt, n * ng + g), xsum = 0.0f;
-        for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) {
-            xsum += sx[b];
-            corr -= 8.0f * sg * d[b] * (float)sq[b];                  /* the -8 of (q - 8), per block */
-#if USE_AVX2
-            __m256 p = _mm256_cvtepi32_ps(dot_int4_block(w + b * QB / 2, xq + b * QB));
-            acc = _mm256_fmadd_ps(p, _mm256_set1_ps(sg * d[b]), acc);
+/* 32 unsigned bytes a times 32 signed bytes b, summed in fours: 8 int32. VNNI does it in one
+ * instruction; plain AVX2 in two (pairs into int16, then pairs of those into int32). */
+static inline __m256i dot_u8s8(__m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b);
 #else
-            acc_s += sg * d[b] * (float)dot_int4_scalar(w + b * QB / 2, xq + b * QB);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
 #endif
-        }
-        corr += zg * xsum;                                              /* z_g · Σ_{k in g} x, exact x */
-    }
-#if USE_AVX2
-    acc_s = hsum(acc);
-#endif
-    return acc_s + corr;
+}
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-static float row_int8(const int8_t *w, const void *s, int st, int64_t n, int64_t K, int64_t G,
-                      const int8_t *xq, const float *d) {
-    int64_t nfull = K / QB, ng = G ? K / G : 1, bpg = G ? G / QB : nfull;
-    float acc_s = 0.0f;
-#if USE_AVX2
+/* --- 3. R outputs at once: rows n..n+R-1 of W against one quantized activation row ---------------- */
+/* Each activation block is loaded once for R weight rows, and R independent accumulators keep the
+ * FMA unit busy (one accumulator would wait on its own previous sum every block). The per-block
+ * factor c[r][b] = s[n+r, g(b)]·d_b is computed up front in a small table, so the hot loop only
+ * broadcasts it: with G = 32 a scale changes every block, and converting it there was half the time. */
+static void load_rows(const void *p, int type, int64_t n, int64_t ng, float *dst) {  /* R rows of (N, ng) */
+    if (type == F32) memcpy(dst, (const float *)p + n * ng, sizeof(float) * R * ng);
+    else for (int64_t i = 0; i < R * ng; i++) dst[i] = load_f(p, type, n * ng + i);
+}
+
+static void block_factors(const float *sr, int64_t ng, int64_t bpg, const float *d, float *c) {  /* c = s·d */
+    if (bpg == 1) {  /* G = 32: one scale per block, a plain (vectorised) product */
+        for (int64_t b = 0; b < ng; b++) c[b] = sr[b] * d[b];
+        return;
+    }
+    for (int64_t g = 0, b = 0; g < ng; g++)
+        for (int64_t j = 0; j < bpg; j++, b++) c[b] = sr[g] * d[b];
+}
+
+static float dot_f32(const float *a, const float *b, int64_t n) {  /* Σ a·b, 8 lanes at a time */
     __m256 acc = _mm256_setzero_ps();
-#endif
-    for (int64_t g = 0, b = 0; b < nfull; g++) {
-        float sg = G ? load_f(s, st, n * ng + g) : 1.0f;  /* per channel: s[n] is applied at the end */
-        for (int64_t end = b + bpg; b < end; b++) {
-#if USE_AVX2
-            __m256 p = _mm256_cvtepi32_ps(dot_int8_block(w + b * QB, xq + b * QB));
-            acc = _mm256_fmadd_ps(p, _mm256_set1_ps(sg * d[b]), acc);
-#else
-            acc_s += sg * d[b] * (float)dot_int8_scalar(w + b * QB, xq + b * QB, QB);
-#endif
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float sum = hsum(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static void rows_int4(const uint8_t *w, int64_t n, int64_t K, int64_t G, const void *s, int st, const void *z,
+                      int zt, const int8_t *xq, const float *d, const float *gsx, const float *gdsq, float *out) {
+    int64_t ng = K / G, bpg = G / QB, nb = K / QB, ldw = K / 2;
+    float sr[R * ng], zr[R * ng], c[R * nb];  /* (R, ng) scales and zeros, (R, nb) block factors */
+    load_rows(s, st, n, ng, sr);
+    load_rows(z, zt, n, ng, zr);
+    __m256 acc[R];
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int r = 0; r < R; r++) {
+        /* Σ_g z_g·Σx - 8·s_g·Σ d·xq: the zero and the -8 of (q - 8), once per group */
+        out[r] = dot_f32(zr + r * ng, gsx, ng) - 8.0f * dot_f32(sr + r * ng, gdsq, ng);
+        block_factors(sr + r * ng, ng, bpg, d, c + r * nb);
+        acc[r] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QB));  /* [16 even k | 16 odd k] */
+        for (int r = 0; r < R; r++) {
+            __m128i bytes = _mm_loadu_si128((const __m128i *)(w + (n + r) * ldw + b * QB / 2));
+            __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low4);
+            __m256 p = _mm256_cvtepi32_ps(dot_u8s8(q, xv));  /* Σ q·xq, in 8 partial sums */
+            acc[r] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(c + r * nb + b), acc[r]);
         }
     }
-#if USE_AVX2
-    acc_s = hsum(acc);
+    for (int r = 0; r < R; r++) out[r] += hsum(acc[r]);
+}
+
+static void rows_int8(const int8_t *w, int64_t n, int64_t K, int64_t G, const void *s, int st,
+                      const int8_t *xq, const float *d, float *out) {
+    int64_t nfull = K / QB, ng = G ? K / G : 1, bpg = G ? G / QB : 1;
+    float sr[R * ng], c[G ? R * nfull : 1];
+    load_rows(s, st, n, ng, sr);
+    for (int r = 0; r < R && G; r++) block_factors(sr + r * ng, ng, bpg, d, c + r * nfull);
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nfull; b++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QB));
+        __m256 db = _mm256_broadcast_ss(d + b);  /* per channel: s[n] is applied once, at the end */
+        for (int r = 0; r < R; r++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(w + (n + r) * K + b * QB));
+            __m256 p = _mm256_cvtepi32_ps(dot_u8s8(_mm256_abs_epi8(q), _mm256_sign_epi8(xv, q)));  /* |q|·sign(q)xq */
+            acc[r] = _mm256_fmadd_ps(p, G ? _mm256_broadcast_ss(c + r * nfull + b) : db, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float a = hsum(acc[r]);
+        if (K % QB)  /* ragged tail (per channel only: groups are multiples of 32) */
+            a += d[nfull] * (float)dot_int8_scalar(w + (n + r) * K + nfull * QB, xq + nfull * QB, (int)(K % QB));
+        out[r] = G ? a : a * sr[r];
+    }
+}
 #endif
-    if (K % QB)  /* ragged tail (per channel only: groups are multiples of 32) */
-        acc_s += d[nfull] * (float)dot_int8_scalar(w + nfull * QB, xq + nfull * QB, (int)(K % QB));
-    return G ? acc_s : acc_s * load_f(s, st, n);
+
+/* The portable version, one row (also the last N % R rows of the AVX2 build). */
+static float row_int4(const uint8_t *w, int64_t n, int64_t K, int64_t G, const void *s, int st, const void *z,
+                      int zt, const int8_t *xq, const float *d, const float *gsx, const float *gdsq) {
+    int64_t ng = K / G, bpg = G / QB;
+    float acc = 0.0f;
+    for (int64_t g = 0; g < ng; g++) {
+        float sg = load_f(s, st, n * ng + g), zg = load_f(z, zt, n * ng + g);
+        for (int64_t b = g * bpg; b < (g + 1) * bpg; b++)
+            acc += sg * d[b] * (float)dot_int4_scalar(w + n * (K / 2) + b * QB / 2, xq + b * QB);
+        acc += zg * gsx[g] - 8.0f * sg * gdsq[g];
+    }
+    return acc;
+}
+
+static float row_int8(const int8_t *w, int64_t n, int64_t K, int64_t G, const void *s, int st,
+                      const int8_t *xq, const float *d) {
+    int64_t nb = (K + QB - 1) / QB, ng = G ? K / G : 1;
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        int len = K - b * QB < QB ? (int)(K - b * QB) : QB;
+        float sg = G ? load_f(s, st, n * ng + b * QB / G) : 1.0f;
+        acc += sg * d[b] * (float)dot_int8_scalar(w + n * K + b * QB, xq + b * QB, len);
+    }
+    return G ? acc : acc * load_f(s, st, n);
 }
 
 /* --- 4. the entry point ------------------------------------------------------------------------ */
@@ -185,30 +240,39 @@ typedef struct {
     const void *s, *z; const float *bias;
 } QLayer;
 
-/* y (M, N) fp32 = x (M, K) @ Ŵᵀ + b. Threads split the N outputs: each thread reads its rows of W
- * once and, for M > 1, reuses each weight row (from L1) for all M activation rows. Returns 0, or -1
- * when the scratch buffer cannot be allocated. */
+/* y (M, N) fp32 = x (M, K) @ Ŵᵀ + b. Threads split the N outputs in tiles of R rows: each thread
+ * reads its rows of W once and, for M > 1, reuses them (from L1) for all M activation rows.
+ * Returns 0, or -1 when the scratch buffer cannot be allocated. */
 int minillm_qlinear(const QLayer *L, const void *x, int x_type, int64_t M, float *y, int n_threads) {
-    int64_t N = L->N, K = L->K, G = L->G, nb = (K + QB - 1) / QB;
-    size_t per_row = nb * QB + nb * (sizeof(float) * 2 + sizeof(int32_t));
-    char *scratch = malloc((size_t)M * per_row);
+    int64_t N = L->N, K = L->K, G = L->G, nb = (K + QB - 1) / QB, ng = G ? K / G : 1;
+    int split = L->bits == 4;
+    char *scratch = malloc((size_t)M * (nb * QB + nb * sizeof(float) + 2 * ng * sizeof(float)));
     if (!scratch) return -1;
     int8_t *xq = (int8_t *)scratch;
-    float *d = (float *)(scratch + M * nb * QB), *sx = d + M * nb;
-    int32_t *sq = (int32_t *)(sx + M * nb);
+    float *d = (float *)(scratch + M * nb * QB), *gsx = d + M * nb, *gdsq = gsx + M * ng;
     size_t x_bytes = x_type == F32 ? 4 : 2;
     for (int64_t m = 0; m < M; m++)
-        quantize_row((const char *)x + m * K * x_bytes, x_type, K, L->bits == 4, xq + m * nb * QB, d + m * nb,
-                     sq + m * nb, sx + m * nb);
+        quantize_row((const char *)x + m * K * x_bytes, x_type, K, G, split, xq + m * nb * QB, d + m * nb,
+                     gsx + m * ng, gdsq + m * ng);
     if (n_threads < 1 || N * K < MIN_PARALLEL) n_threads = 1;  /* small layer: waking threads costs more */
     #pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t n = 0; n < N; n++) {
+    for (int64_t t = 0; t < (N + R - 1) / R; t++) {
+        int64_t n = t * R, rows = N - n < R ? N - n : R;
         for (int64_t m = 0; m < M; m++) {
-            float acc = L->bits == 4
-                ? row_int4((const uint8_t *)L->w + n * (K / 2), L->s, L->s_type, L->z, L->z_type, n, K, G,
-                           xq + m * nb * QB, d + m * nb, sq + m * nb, sx + m * nb)
-                : row_int8((const int8_t *)L->w + n * K, L->s, L->s_type, n, K, G, xq + m * nb * QB, d + m * nb);
-            y[m * N + n] = acc + (L->bias ? L->bias[n] : 0.0f);
+            const int8_t *xm = xq + m * nb * QB;
+            const float *dm = d + m * nb, *gsxm = gsx + m * ng, *gdsqm = gdsq + m * ng;
+            float out[R];
+#if USE_AVX2
+            if (rows == R) {
+                if (split) rows_int4(L->w, n, K, G, L->s, L->s_type, L->z, L->z_type, xm, dm, gsxm, gdsqm, out);
+                else rows_int8(L->w, n, K, G, L->s, L->s_type, xm, dm, out);
+            } else
+#endif
+            for (int64_t r = 0; r < rows; r++)
+                out[r] = split ? row_int4(L->w, n + r, K, G, L->s, L->s_type, L->z, L->z_type, xm, dm, gsxm, gdsqm)
+                               : row_int8(L->w, n + r, K, G, L->s, L->s_type, xm, dm);
+            for (int64_t r = 0; r < rows; r++)
+                y[m * N + n + r] = out[r] + (L->bias ? L->bias[n + r] : 0.0f);
         }
     }
     free(scratch);
