@@ -90,8 +90,8 @@ def llama_tensors(model) -> dict[str, torch.Tensor]:
     expected = set(llama_tensor_map(cfg.n_layer, tied)) | {"lm_head.weight"}
     extra = sorted(set(state) - expected)
     if extra:  # e.g. a minillm-quantized model's packed weights
-        raise ValueError(f"parameters {', '.join(extra[:3])} are not a plain llama model's; "
-                         "export the float model (a quantized checkpoint cannot be re-quantized)")
+        raise ValueError(f"parameters {', '.join(extra[:3])} are not a plain llama model's: export the float "
+                         "model (minillm-quantized weights are not re-quantized; merge LoRA adapters first)")
     out = {}
     for ours, names in llama_tensor_map(cfg.n_layer, tied).items():
         w = state[ours].detach().float().cpu()
@@ -197,6 +197,8 @@ def write_gguf(model, tokenizer, path: str | Path, file_type: str = "f32", chat_
     if alignment <= 0 or alignment % 8:
         raise ValueError(f"alignment={alignment}: GGUF needs a positive multiple of 8")
     check_llama(model)
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer, and a GGUF file must carry one (llama.cpp tokenizes with it)")
     path = Path(path)
     tensors = llama_tensors(model)
     md = llama_metadata(model, tokenizer, file_type, chat_template, alignment, name or path.stem)
