@@ -83,7 +83,8 @@ class FlatDecoder:
     def __init__(self, model: nn.Module, compile: bool | str = False):
         tr, cfg = model.transformer, model.cfg
         self.cfg = cfg
-        self.tok_emb = tr.tok_emb.weight
+        emb = tr.tok_emb  # nn.Embedding's table, or a quantized one (a GGUF kept quantized) looked up by its forward
+        self.embed = (lambda idx, w=emb.weight: F.embedding(idx, w)) if type(emb) is nn.Embedding else emb.forward
         self.embed_scale = tr.embed_scale
         pos = tr.pos_emb
         self.pos_table = (pos.table if isinstance(pos, SinusoidalPositions)
@@ -143,7 +144,7 @@ class FlatDecoder:
                 raise ValueError(f"{cache.length + 1} tokens are more than block_size={cfg.block_size}; "
                                  "crop the input to the last block_size tokens")
             positions = torch.arange(cache.length, cache.length + 1, device=idx.device)  # (1,)
-        x = F.embedding(idx, self.tok_emb)  # (B, 1, C)
+        x = self.embed(idx)  # (B, 1, C)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         if self.pos_table is not None:
