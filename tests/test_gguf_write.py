@@ -224,6 +224,17 @@ def test_llama_cpp_decodes_what_minillm_decodes(tmp_path, tok, trained, file_typ
     assert llm.detokenize(want).decode() == tok.decode(want)
 
 
+def test_llama_cpp_tokenizes_as_minillm(tmp_path, tok):
+    """The vocabulary, merges and "gpt-2" pre-tokenizer written for a minillm BPE: llama.cpp's ids are minillm's."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    path = write_gguf(tiny_llama(), tok, tmp_path / "m.gguf")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for text in (TEXT[:150], "naïve 2024 unseen wörds<|endoftext|>x", " \n\n  spaces  end", "don't we'll 12345"):
+        ids = tok.encode(text)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        assert llm.detokenize(ids, special=True).decode() == text
+
+
 # --- refusals, one line each ----------------------------------------------------------------------
 
 def _refused(model, tokenizer, tmp_path, match, **kw):
