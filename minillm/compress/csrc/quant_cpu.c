@@ -283,17 +283,21 @@ int minillm_qlinear(const QLayer *L, const void *x, int x_type, int64_t M, float
  * and expanding W once costs little next to M·N·K multiply-adds. */
 void minillm_dequantize(const void *w, int bits, int64_t N, int64_t K, int64_t G, const void *s, int s_type,
                         const void *z, int z_type, float *out, int n_threads) {
-    int64_t ng = G ? K / G : 1;
+    int64_t ng = G ? K / G : 1, len = G ? G : K;  /* per channel: one "group" spans the row */
     #pragma omp parallel for schedule(static) num_threads(n_threads < 1 ? 1 : n_threads)
     for (int64_t n = 0; n < N; n++) {
-        for (int64_t k = 0; k < K; k++) {
-            int64_t gi = n * ng + (G ? k / G : 0);
-            if (bits == 4) {
-                uint8_t byte = ((const uint8_t *)w)[n * (K / 2) + k / 2];
-                int q = k % 2 ? byte >> 4 : byte & 0xF;
-                out[n * K + k] = (float)(q - 8) * load_f(s, s_type, gi) + load_f(z, z_type, gi);
+        for (int64_t g = 0; g < ng; g++) {
+            float sg = load_f(s, s_type, n * ng + g), *o = out + n * K + g * len;
+            if (bits == 4) {  /* (q - 8)·s + z, two roundings as in PyTorch: bit-exact to the reference */
+                float zg = load_f(z, z_type, n * ng + g);
+                const uint8_t *p = (const uint8_t *)w + n * (K / 2) + g * len / 2;
+                for (int64_t j = 0; j < len / 2; j++) {
+                    o[2 * j] = (float)((p[j] & 0xF) - 8) * sg + zg;
+                    o[2 * j + 1] = (float)((p[j] >> 4) - 8) * sg + zg;
+                }
             } else {
-                out[n * K + k] = (float)((const int8_t *)w)[n * K + k] * load_f(s, s_type, gi);
+                const int8_t *p = (const int8_t *)w + n * K + g * len;
+                for (int64_t j = 0; j < len; j++) o[j] = (float)p[j] * sg;
             }
         }
     }
