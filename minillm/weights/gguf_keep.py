@@ -19,9 +19,12 @@ already minillm's formats (compress/quant_format.py) in another order, so they c
 Why these are exact, not just close: every product above is exact in float32 (d has 11 significant
 bits, sc_j 6, the codes at most 5, so d·sc_j·q fits in 22 < 24 bits). Then
 (q - 8)·s + z = d·q + m as real numbers, so both sides are the float32 rounding of one real number
-and are equal bit for bit, *provided z = m + 8·d is itself exact in float32*. It is unless m is
-2^13 times larger than d or so (a nearly constant block); such groups are counted ("inexact_groups"
-in the report) and their weights may differ from llama.cpp's by one rounding. SmolLM2's file has none.
+and are equal bit for bit, *provided z is itself exact in float32*. For Q4_1, z = m + 8·d adds two
+fp16 values, which float32 holds exactly unless m is ~2^13 times d (a nearly constant block): SmolLM2's
+file has no such block. For Q4_K, z = 8·d·sc_j - dmin·m_j adds two 17-bit products, which float32
+does not always hold: on random Q4_K blocks 0.1% (scales ~2e-3) to 5% (~0.05) of the groups round z,
+and their weights then differ from llama.cpp's by at most one float32 rounding (1.6e-8 of max |x|
+measured). Such groups are counted (Kept.inexact, "inexact_groups" in the report), never hidden.
 The only other difference: Q4_0's code 8 gives llama.cpp -0.0 where d < 0 and us +0.0 (equal values).
 
 Nibble order. ggml puts weight j of a block in the low nibble of byte j and weight j + 16 in the
@@ -30,14 +33,23 @@ high (a K-tile is one run of bytes). The codes are unpacked to (N, K) and packed
 
 Everything else is re-quantized from its float32 dequantization, tensor by tensor, to int8 g32
 (quant_format.quantize): Q5_1, Q5_K and Q6_K (5 to 6.6 bits per weight: int4 would lose more than
-the file kept). Measured on random blocks of each type, 4096 × 256 weights on the 2-core x86_64 CPU:
-max |Ŵ - x| / max |x| is at most 1/254 (half an int8 step of the group's largest weight), about
-0.15 s per million weights. F32/F16/BF16 linears stay float, unless they share a matrix (qkv) with
-quantized ones. The report in info["gguf"]["kept"] lists what was exact and what was re-quantized.
+the file kept). Measured on 4096 × 256 weights of each type (random blocks; Q5_1 from gguf's own
+quantizer), on the 2-core x86_64 CPU shared with other jobs:
 
-Memory: the model is built on the meta device (no storage), and each weight goes from the memory-
-mapped file into its quantized buffers one tensor at a time, so the peak is the quantized model,
-the file's pages and one tensor's temporaries; never an fp32 copy of the whole model.
+    type -> int8 g32     max |Ŵ - x| / max |x|    rms(Ŵ - x) / rms(x)    time per 1M weights
+    Q5_1, Q5_K, Q6_K     3.9e-3 (≤ 1/254)          0.37% - 0.53%          0.4 - 0.5 s
+    (to int4 g32 instead: 3-7% rms, which is why int8 is the choice)
+
+F32/F16/BF16 linears stay float, unless they share a matrix (qkv) with quantized ones (then int8 g32,
+the same cost). The report in info["gguf"]["kept"] lists, per tensor, what was exact and what was
+re-quantized, with its max error and seconds.
+
+Memory: the model's parameters are built on the meta device (no storage, _ParamsOnMeta), and each
+weight goes from the memory-mapped file into its quantized buffers one tensor at a time, the file's
+pages given back as they are converted; never an fp32 copy of the whole model. SmolLM2-135M Q4_1
+(98 MB file, 106 MB kept model) measured in a fresh process on the 2-core CPU shared with other jobs,
+peak RSS above `import torch, minillm`: load_model(keep_quantized=True) +147 MB in ~4.5 s (the
+tokenizer included), load_model() to fp32 +784 MB in ~16 s.
 """
 
 from __future__ import annotations
@@ -50,11 +62,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from minillm.compress.quant import QuantEmbedding, QuantLinear, default_backend
 from minillm.compress.quant_format import quantize
 from minillm.model.transformer import CausalLM
-from torch.overrides import TorchFunctionMode
 from minillm.weights.gguf import GGUFError, GGUFFile
 from minillm.weights.gguf_quants import GGML_TYPES, QK, _bits, _f16, _k4_codes, _nibbles, _scales_mins_k4
 
@@ -68,7 +80,7 @@ class Kept(NamedTuple):
     scales: np.ndarray  # (N, K/32) float32
     zeros: np.ndarray | None  # (N, K/32) float32 for int4, None for int8
     exact: bool  # Ŵ equals the GGUF's dequantized values (but for `inexact` groups)
-    inexact: int  # groups whose zero m + 8·d was rounded when stored in float32
+    inexact: int  # groups whose zero z was rounded when stored in float32 (see the module docstring)
 
 
 # --- exact conversions: (n_blocks, type_size) uint8 -> codes (n_groups, 32), s, z per group ---------------
@@ -130,12 +142,17 @@ def natural_scheme(type_name: str) -> str | None:
     return None if type_name in FLOAT else "int8"
 
 
-def keep_tensor(f: GGUFFile, name: str, scheme: str) -> tuple[Kept, dict]:
-    """One 2-D GGUF tensor (N, K) in `scheme` with group size 32: exact when its type maps onto the
-    scheme, else dequantized and re-quantized. Returns (Kept, a report of what it cost)."""
+def _check_2d(f: GGUFFile, name: str):
     t = f.tensors[name]
     if len(t.shape) != 2:
         raise GGUFError(f"{f.path}: tensor {name!r} has shape {list(t.shape)}; a kept linear weight is 2-D")
+    return t
+
+
+def keep_tensor(f: GGUFFile, name: str, scheme: str) -> tuple[Kept, dict]:
+    """One 2-D GGUF tensor (N, K) in `scheme` with group size 32: exact when its type maps onto the
+    scheme, else dequantized and re-quantized. Returns (Kept, a report of what it cost)."""
+    t = _check_2d(f, name)
     N, K = t.shape
     if K % G:
         raise GGUFError(f"{f.path}: tensor {name!r} has rows of {K} weights, not whole groups of {G}")
@@ -177,6 +194,7 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 def _quant_linear(parts: list[Kept]) -> QuantLinear:
     """A QuantLinear (no bias, reference backend) whose rows are `parts` stacked (q, then k, then v)."""
     scheme = parts[0].scheme
+
     def stack(arrays):  # rows of q, k, v one after the other; a single part is used as it is
         return torch.from_numpy(np.ascontiguousarray(arrays[0]) if len(arrays) == 1 else np.concatenate(arrays))
 
@@ -214,7 +232,7 @@ def kept_linear(f: GGUFFile, sources: tuple[str, ...], report: dict) -> nn.Modul
     """The GGUF tensors `sources`, stacked along their rows, as one QuantLinear (or a float nn.Linear
     when all are float). A matrix stacked from two schemes (say Q4_1 q/k and Q8_0 v) is int8 whole:
     the int8-exact parts stay exact, the others are re-quantized (int8 is the more precise of the two)."""
-    natural = [natural_scheme(f.tensors[s].type_name) for s in sources]
+    natural = [natural_scheme(_check_2d(f, s).type_name) for s in sources]
     if all(n is None for n in natural):
         w = torch.from_numpy(np.concatenate([f.tensor(s) for s in sources]))  # (N, K) float32
         mod = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
