@@ -223,8 +223,8 @@ def _check(x, weight_q, scales, zeros, bias, scheme, group_size) -> None:
         if weight_q.shape[1] != K:
             raise ValueError(f"int8 weight_q is {tuple(weight_q.shape)} but x has K={K} features")
         if scales.shape != (N,):
-            raise ValueError(f"int8 scales must have shape ({N},), one per output channel, "
-                             f"got {tuple(scales.shape)}")
+            raise ValueError(f"int8 scales must have shape ({N},), one per output channel, got "
+                             f"{tuple(scales.shape)} (grouped int8 runs on backend 'reference' or 'cpu')")
     else:
         if weight_q.shape[1] * 2 != K:
             raise ValueError(f"packed int4 weight_q must be (N, K/2) = ({N}, {K // 2}) for x with K={K} "
