@@ -25,6 +25,7 @@ def cmd_export(args, overrides: list[str]) -> int:
     """Export a checkpoint: its forward pass to ONNX, the model and tokenizer as a Hugging Face folder or a
     GGUF file, or a LoRA fine-tune's adapter as a PEFT folder."""
     fmt = "onnx" if args.onnx else args.format
+    args.type = getattr(args, "type", None)  # only there when given
     if fmt == "onnx" and not args.onnx:
         args.onnx = args.out
     if not (args.onnx if fmt == "onnx" else args.out):
@@ -130,7 +131,7 @@ def add_parser(sub) -> None:
                    "name; for --format=peft, a LoRA fine-tune's run folder")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="what to write")
     p.add_argument("--out", default=None, metavar="PATH", help="where: a folder (hf, peft) or a file (gguf, onnx)")
-    p.add_argument("--type", default=None, metavar="TYPE",
+    p.add_argument("--type", default=argparse.SUPPRESS, metavar="TYPE",  # (absent unless given: gguf only)
                    help="gguf only: how weight matrices are stored, f32 | f16 | q8_0 | q4_0 | q4_1 (default f32)")
     p.add_argument("--onnx", default=None, metavar="OUT.onnx", help="where to write the ONNX file "
                    "(the same as --format=onnx --out=OUT.onnx)")
