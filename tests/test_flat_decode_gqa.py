@@ -151,3 +151,21 @@ def test_smollm2_decodes_flat_bit_for_bit():
             l1 = decode_step(model, l1.argmax(-1)[:, None], c1)
             l2 = decode_step(model, l2.argmax(-1)[:, None], c2, flat)
             assert torch.equal(l1, l2)
+
+
+def test_a_quantized_embedding_and_head_decode_flat_like_the_modules():
+    """A GGUF kept quantized has a QuantEmbedding (no .weight) tied to a quantized head."""
+    from minillm.compress.quant import QuantEmbedding, quantize_model
+
+    model = quantize_model(for_inference(llama_like()), "int8", None, include_embeddings=True, include_head=True,
+                           backend="reference")
+    assert type(model.transformer.tok_emb) is QuantEmbedding
+    flat = FlatDecoder.build(model)
+    idx = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        c1, c2 = model.new_cache(2), model.new_cache(2)
+        l1, l2 = prefill(model, idx, c1), prefill(model, idx, c2)
+        for _ in range(4):
+            l1 = decode_step(model, l1.argmax(-1)[:, None], c1)
+            l2 = decode_step(model, l2.argmax(-1)[:, None], c2, flat)
+            assert torch.equal(l1, l2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 from minillm.cli.options import reject_unknown
+from minillm.cli.run_options import add_run_options, flat_decode, load_options, set_threads
 from minillm.generate.chat import ChatSession
 from minillm.hardware import resolve_device
 from minillm.model.builtin_ops import for_inference
@@ -28,12 +29,17 @@ def cmd_chat(args, overrides: list[str]) -> int:
     reject_unknown(args, overrides, "chat")
     path = resolve(args.model)
     changes = {"block_size": args.block_size} if args.block_size else {}
-    model, tokenizer, _ = load_model(path, device=resolve_device(args.device), **changes)
+    threads = set_threads(args)
+    device = resolve_device(args.device)
+    # a GGUF file keeps its quantized blocks unless --dequantize; --backend picks their matmul
+    model, tokenizer, _ = load_model(path, device=device, **load_options(args, device), **changes)
     check_finite_forward(model, path)
     for_inference(model)
     session = ChatSession(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    print(f"chatting with {path.name} (context {model.cfg.block_size} tokens). {HELP}", file=sys.stderr)
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                          flat_decode=flat_decode(args))
+    print(f"chatting with {path.name} (context {model.cfg.block_size} tokens, {threads} threads). {HELP}",
+          file=sys.stderr)
     while True:
         try:
             line = input("you> ")
@@ -106,6 +112,7 @@ def add_parser(sub) -> None:
                    help="context window to keep, in tokens (default 2048; the model's own may be longer, "
                         "and each token of context costs KV-cache memory)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    add_run_options(p)  # --threads, --backend, --dequantize, --compile
     p.set_defaults(func=_checked_chat)
 
 

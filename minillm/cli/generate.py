@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from minillm.cli.run_options import add_run_options, flat_decode, load_options, set_threads
 from minillm.weights.checkpoint import TOKENIZER_FILE, check_finite_forward, find_checkpoint, load_model
 from minillm.data.chat_template import chat_prompt_for
 from minillm.finetune.instruct import format_prompt
@@ -30,10 +31,12 @@ from minillm.model.config import ModelConfig, split_overrides
 def cmd_generate(args, overrides: list[str]) -> int:
     """Load a checkpoint and continue prompts, streaming the text to the terminal."""
     (model_changes,) = split_overrides(overrides, ModelConfig)  # e.g. --attention=sdpa
+    threads = set_threads(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device, allow_cpu_half=True)
     folder = find_checkpoint(args.out_dir)  # a checkpoint folder, or a run's newest complete one
-    model, tok, meta = load_model(folder, device=device, **model_changes)
+    # a GGUF file keeps its quantized blocks unless --dequantize; --backend picks their matmul
+    model, tok, meta = load_model(folder, device=device, **load_options(args, device), **model_changes)
     check_finite_forward(model, folder)
     if "seq2seq" in meta:
         raise ValueError(f"{folder} is an encoder–decoder (translation) model; use `minillm translate {args.out_dir} "
@@ -69,7 +72,7 @@ def cmd_generate(args, overrides: list[str]) -> int:
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               use_cache=not args.no_cache, generator=gen, stop=stop, window_stride=args.window_stride,
-              flat_decode=not args.readable)
+              flat_decode=flat_decode(args, args.readable))
     text_fn, stats = generate_text, {}
     if args.speculative:  # each row alone (batch size 1), the same keyword arguments but use_cache
         kw = dict({k: v for k, v in kw.items() if k != "use_cache"}, k=args.draft_k, stats=stats,
@@ -93,7 +96,8 @@ def cmd_generate(args, overrides: list[str]) -> int:
             n_tokens += counts[0]
     dt = time.perf_counter() - t0
     print(f"[{n_tokens} tokens in {dt:.2f} s, {n_tokens / dt:.1f} tokens/s on {device}, "
-          f"{'no ' if args.no_cache else ''}KV cache; {_source(meta)}]", file=sys.stderr)
+          f"{'no ' if args.no_cache else ''}KV cache, {threads} threads; {_source(meta, model)}]",
+          file=sys.stderr)
     if args.speculative:
         print(f"[speculative decoding ({args.speculative}, k={args.draft_k}): {stats['accepted']} of "
               f"{stats['drafted']} guesses accepted ({stats['accepted'] / max(stats['drafted'], 1):.0%}), "
@@ -155,6 +159,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weight precision for generation (bf16/fp16 on GPU)")
+    add_run_options(p)  # --threads, --backend, --dequantize, --compile
     p.set_defaults(func=_checked_generate)
 
 
@@ -167,6 +172,8 @@ def _checked_generate(args, overrides):
         args.stop = [_unescape(s) for s in args.stop]
     if args.speculative and not (args.speculative == "lookup" or args.speculative.startswith("draft:")):
         raise ValueError(f"--speculative must be draft:PATH or lookup, got {args.speculative!r}")
+    if args.compile and (args.speculative or args.no_cache):
+        raise ValueError("--compile compiles the cached one-token decode step: drop --speculative and --no_cache")
     if args.speculative and (args.batch or args.no_cache):
         raise ValueError("--speculative runs one row at a time through a KV cache: drop --batch and --no_cache")
     return cmd_generate(args, overrides)
@@ -190,11 +197,13 @@ def _unescape(text: str) -> str:
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def _source(meta: dict) -> str:
+def _source(meta: dict, model) -> str:
     """Where the weights came from, for the closing line: a training step or a Hugging Face folder."""
     if "gguf" in meta:
         types = ", ".join(f"{n} {t}" for t, n in meta["gguf"]["tensor_types"].items())
-        return f"GGUF file, {meta['gguf'].get('name') or 'llama'} ({types} tensors, run in fp32)"
+        backends = sorted({m.backend for m in model.modules() if hasattr(m, "backend")})
+        how = f"kept quantized, backend {', '.join(backends)}" if "kept" in meta["gguf"] else "run in fp32"
+        return f"GGUF file, {meta['gguf'].get('name') or 'llama'} ({types} tensors, {how})"
     if "huggingface" in meta:
         return f"Hugging Face {meta['huggingface'].get('model_type', 'model')} folder"
     return f"checkpoint step {meta.get('step', '?')}"

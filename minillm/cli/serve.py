@@ -28,6 +28,7 @@ import argparse
 import os
 from pathlib import Path
 
+from minillm.cli.run_options import add_run_options, load_options, set_threads
 from minillm.weights.checkpoint import TOKENIZER_FILE, find_checkpoint, load_model
 from minillm.hardware import resolve_device, resolve_dtype
 from minillm.model.config import ModelConfig, split_overrides
@@ -35,8 +36,6 @@ from minillm.model.config import ModelConfig, split_overrides
 
 def cmd_serve(args, overrides: list[str]) -> int:
     """Serve checkpoints over HTTP: OpenAI-style completions and chat, with continuous batching."""
-    import torch
-
     try:
         import uvicorn
     except ImportError as e:
@@ -50,15 +49,15 @@ def cmd_serve(args, overrides: list[str]) -> int:
     from minillm.serve.registry import Registry
 
     (changes,) = split_overrides(overrides, ModelConfig)  # e.g. --attention=sdpa
-    if args.threads is not None:
-        # on a small, shared CPU one thread can beat two: tiny matmuls spend more time
-        # synchronising threads than computing
-        torch.set_num_threads(args.threads)
+    # on a small, shared CPU one thread can beat two: tiny matmuls spend more time synchronising
+    # threads than computing (--threads; default PyTorch's, one per physical core)
+    threads = set_threads(args)
     device = resolve_device(args.device or "auto")
     dtype = resolve_dtype(args.dtype, device, allow_cpu_half=True)
 
     def load(folder):  # float or quantized checkpoint, or a Hugging Face folder
-        model, tokenizer, meta = load_model(folder, device=device, **changes)
+        # a GGUF file keeps its quantized blocks unless --dequantize; --backend picks their matmul
+        model, tokenizer, meta = load_model(folder, device=device, **load_options(args, device), **changes)
         model = model.to(dtype=dtype)
         if not args.readable:  # PyTorch's fused norms, activations and attention: same function, faster
             for_inference(model, attention="attention" not in changes)
@@ -89,7 +88,8 @@ def cmd_serve(args, overrides: list[str]) -> int:
         n_params = sum(p.numel() for p in v.model.parameters())
         print(f"minillm serve: {v.name} = {v.path} ({v.version}; {n_params / 1e6:.2f}M parameters, block_size "
               f"{v.block_size}{', instruction-tuned' if v.meta.get('instruct') else ''})", flush=True)
-    print(f"on {device}/{args.dtype}; batch {args.max_batch_size}, queue {args.max_queue} per model version, "
+    print(f"on {device}/{args.dtype}, {threads} threads; batch {args.max_batch_size}, queue {args.max_queue} per "
+          "model version, "
           f"API key {'required' if api_key else 'not required'}, admin API {'on' if admin_key else 'off'}; "
           f"CORS {', '.join(origins) if origins else 'off'}; access log {args.access_log}", flush=True)
     if admin_key:
@@ -190,8 +190,7 @@ def add_parser(sub) -> None:
                    help="a request's body must arrive within this of its headers, else 408")
     p.add_argument("--model-name", "--model_name", default=None,
                    help="id in /v1/models and responses (default: the checkpoint folder's name)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for PyTorch's matmuls (default: PyTorch's choice, one per core)")
+    add_run_options(p, compile=False)  # --threads, --backend, --dequantize
     p.add_argument("--seed", type=int, default=0, help="seed for sampling requests that give none")
     p.add_argument("--readable", action="store_true",
                    help="serve with minillm's written-out layers and modules instead of PyTorch's fused "
