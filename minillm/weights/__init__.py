@@ -10,6 +10,8 @@ Read in this order:
                              minillm's classes
     huggingface_checks.py    what a Hugging Face config.json must say (types, ranges, RoPE, sizes
                              the weights show) before huggingface.py builds anything
+    huggingface_write.py     a causal LM written back as a Hugging Face GPT-2 or Llama-family
+                             folder (`minillm export --format=hf`): huggingface.py's maps inverted
     huggingface_seq2seq.py   Hugging Face BART folders into the encoder–decoder (Seq2Seq)
     gguf.py                  llama.cpp's GGUF file read from scratch: header, metadata of every
                              value type, tensor table, alignment, memory-mapped data
