@@ -2,6 +2,7 @@
 (minillm/compress/cpu_kernel.py) against the reference x @ dequantize(W)ᵀ computed in float64.
 """
 
+import copy
 import json
 import platform
 
@@ -191,6 +192,9 @@ def test_cpu_backend_in_quant_linear_and_model():
         fast = model(idx)[0]
         ref = set_backend(model, "reference")(idx)[0]
     assert (fast - ref).abs().max() < 0.02 * ref.abs().max()
+    copied = set_backend(copy.deepcopy(model), "cpu")  # the C description is rebuilt, not copied
+    with torch.no_grad():
+        torch.testing.assert_close(copied(idx)[0], set_backend(model, "cpu")(idx)[0], rtol=0, atol=0)
 
 
 @needs_kernel
