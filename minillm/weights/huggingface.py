@@ -37,11 +37,14 @@ from minillm.model.transformer import CausalLM, MaskedLM
 
 def gpt2_config(hf: dict) -> ModelConfig:
     """ModelConfig for a Hugging Face GPT2Config (as a dict, e.g. config.json)."""
+    act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+    if hf.get("activation_function", "gelu_new") not in act:
+        raise ValueError(f"activation_function={hf['activation_function']!r} is not one minillm has ({', '.join(act)})")
     return ModelConfig(
         vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
         n_head=hf["n_head"], n_embd=hf["n_embd"], ffn_hidden=hf.get("n_inner") or 0,
-        positional="learned", activation="gelu_tanh", norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True, tie_weights=True,
+        positional="learned", activation=act[hf.get("activation_function", "gelu_new")], norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True, tie_weights=bool(hf.get("tie_word_embeddings", True)),
     )
 
 
@@ -55,6 +58,8 @@ def gpt2_from_state_dict(sd: dict, cfg: ModelConfig) -> CausalLM:
         "transformer.final_norm.weight": sd["ln_f.weight"],
         "transformer.final_norm.bias": sd["ln_f.bias"],
     }
+    if not cfg.tie_weights:  # tie_word_embeddings=false (huggingface_write's sinusoidal export): its own head
+        ours["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(cfg.n_layer):
         h, b = f"h.{i}.", f"transformer.blocks.{i}."
         for src, dst in (("ln_1", "norm1"), ("ln_2", "norm2")):
