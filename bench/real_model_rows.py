@@ -11,7 +11,9 @@ comparisons.
                   the path `minillm generate` takes
     bf16          the same model cast to bfloat16
     int8, int4    minillm's own quantize_model of those fp32 weights: int8 per output channel,
-                  int4 in groups of 32; the tied head+embedding stays fp32 unless --quant_head=true
+                  int4 in groups of 32; the tied head+embedding stays fp32 unless --quant_head=true;
+                  the matmul backend load_model would give them (default_backend: "cpu" where
+                  QuantLinear's C kernel compiles), unless --backend
     q4_1          load_model(keep_quantized=True): the file's Q4_1/Q8_0 blocks kept as they are
     transformers  transformers' GGUF loader (dequantized to fp32) and its `generate`
     llama.cpp     llama-cpp-python on the file as it is (Q4_1 matmuls), when installed
@@ -90,7 +92,7 @@ def _backend(model) -> str | None:
 def minillm_rows(path: str, keys, *, quant_head: bool = False, backend: str | None = None,
                  block_size: int = 2048) -> tuple[dict[str, Row], object]:
     """The minillm rows among `keys`, and the tokenizer. All start from one load of the file."""
-    from minillm.compress.quant import BACKENDS, quantize_model, set_backend
+    from minillm.compress.quant import BACKENDS, default_backend, quantize_model, set_backend
     from minillm.model.builtin_ops import for_inference
     from minillm.weights.checkpoint import load_model
 
@@ -109,7 +111,9 @@ def minillm_rows(path: str, keys, *, quant_head: bool = False, backend: str | No
             models[key] = copy.deepcopy(base).to(torch.bfloat16)
         elif key in ("int8", "int4"):
             models[key] = quantize_model(copy.deepcopy(base), key, group_size=GROUP_SIZE, include_embeddings=quant_head,
-                                         include_head=quant_head, backend=backend)
+                                         include_head=quant_head)
+            # the backend load_model gives a quantized checkpoint (quantize_model builds on the reference)
+            set_backend(models[key], backend or default_backend("cpu"))
         elif key == "q4_1":
             if not has_keep_quantized():
                 rows[key] = skipped(key, labels[key], "load_model has no keep_quantized=True in this checkout "
