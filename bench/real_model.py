@@ -153,7 +153,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8, help="the batched scenario's batch size (default 8)")
     p.add_argument("--quant_head", type=lambda s: s.lower() in ("1", "true", "yes"), default=False,
                    help="int8/int4 rows quantize the tied head+embedding too (default false: it stays fp32, "
-                        "as quantize_model's default; generation cannot read a quantized embedding yet)")
+                        "as quantize_model's default)")
     p.add_argument("--backend", default=None, help="matmul of every quantized row's layers (default: load_model's)")
     for name, (full, quick) in SIZES.items():
         p.add_argument(f"--{name}", type=int, default=None, help=f"default {full} ({quick} with --quick)")
