@@ -103,9 +103,11 @@ def save_peft_adapter(folder, model: torch.nn.Module, base: str | None = None, k
 
 def add_peft_files(folder, model: torch.nn.Module, base: str | None = None) -> bool:
     """The fine-tune hook (trainer.save): also write PEFT's files into OUT/adapter/ when the model is a
-    Hugging Face causal LM; False (nothing written) when it is not, e.g. a BERT trunk."""
+    Hugging Face causal LM; False (nothing written) when it is not, e.g. a BERT trunk. A run is never
+    stopped at a checkpoint for this: `minillm export RUN --format=peft` says why in one line."""
     try:
         hf_config(model.cfg)
+        peft_tensors(model)  # a LoRA layer with no Hugging Face name raises here
     except ValueError:
         return False
     save_peft_adapter(folder, model, base, keep_config=True)
