@@ -72,7 +72,7 @@ def test_generate_passes_each_option_where_it_belongs(monkeypatch, tmp_path, cap
                  "--prompt=Hi"]) == 0
     assert seen["threads"] == 1 and seen["flat_decode"] == "compile"
     assert seen["load"]["backend"] == "reference" and seen["load"].get("keep_quantized", False) is False
-    assert "1 threads" in capsys.readouterr().err
+    assert "KV cache, 1 thread;" in capsys.readouterr().err
     assert main(["generate", "m.gguf", "--prompt=Hi"]) == 0
     assert seen["flat_decode"] is True and seen["load"]["backend"] == default_backend("cpu")
     assert seen["load"].get("keep_quantized", KEEPS) is KEEPS  # a GGUF stays quantized by default
