@@ -38,8 +38,8 @@ def cmd_chat(args, overrides: list[str]) -> int:
     session = ChatSession(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                           flat_decode=flat_decode(args))
-    print(f"chatting with {path.name} (context {model.cfg.block_size} tokens, {threads} thread{'s' if threads != 1 else ''}). {HELP}",
-          file=sys.stderr)
+    print(f"chatting with {path.name} (context {model.cfg.block_size} tokens, {threads} "
+          f"thread{'s' if threads != 1 else ''}). {HELP}", file=sys.stderr)
     while True:
         try:
             line = input("you> ")

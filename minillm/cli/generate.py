@@ -96,7 +96,8 @@ def cmd_generate(args, overrides: list[str]) -> int:
             n_tokens += counts[0]
     dt = time.perf_counter() - t0
     print(f"[{n_tokens} tokens in {dt:.2f} s, {n_tokens / dt:.1f} tokens/s on {device}, "
-          f"{'no ' if args.no_cache else ''}KV cache, {threads} thread{'s' if threads != 1 else ''}; {_source(meta, model)}]",
+          f"{'no ' if args.no_cache else ''}KV cache, {threads} thread{'s' if threads != 1 else ''}; "
+          f"{_source(meta, model)}]",
           file=sys.stderr)
     if args.speculative:
         print(f"[speculative decoding ({args.speculative}, k={args.draft_k}): {stats['accepted']} of "

@@ -88,8 +88,8 @@ def cmd_serve(args, overrides: list[str]) -> int:
         n_params = sum(p.numel() for p in v.model.parameters())
         print(f"minillm serve: {v.name} = {v.path} ({v.version}; {n_params / 1e6:.2f}M parameters, block_size "
               f"{v.block_size}{', instruction-tuned' if v.meta.get('instruct') else ''})", flush=True)
-    print(f"on {device}/{args.dtype}, {threads} thread{'s' if threads != 1 else ''}; batch {args.max_batch_size}, queue {args.max_queue} per "
-          "model version, "
+    print(f"on {device}/{args.dtype}, {threads} thread{'s' if threads != 1 else ''}; batch {args.max_batch_size}, "
+          f"queue {args.max_queue} per model version, "
           f"API key {'required' if api_key else 'not required'}, admin API {'on' if admin_key else 'off'}; "
           f"CORS {', '.join(origins) if origins else 'off'}; access log {args.access_log}", flush=True)
     if admin_key:
