@@ -41,17 +41,17 @@ from minillm.model.transformer import CausalLM
 REAL = Path.home() / ".cache/minillm/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def load(which: str):
+def load(which: str, n_layer: int = 30):
     """SmolLM2-135M with fp32 weights (the pulled GGUF dequantized), or a toy of its layer structure."""
     if which == "smollm2":
         from minillm.weights.checkpoint import load_model
 
         model = load_model(REAL)[0]  # fp32 weights (keep_quantized defaults to False in the library)
-    else:  # SmolLM2's 30 layers, 9 query / 3 key-value heads, RMSNorm, RoPE, SwiGLU; toy width
+    else:  # SmolLM2's layers (30 by default), 9 query / 3 key-value heads, RMSNorm, RoPE, SwiGLU; toy width
         torch.manual_seed(0)
-        model = CausalLM(ModelConfig(vocab_size=512, block_size=1024, n_layer=30, n_head=9, n_kv_head=3, n_embd=72,
-                                     ffn_hidden=192, positional="rotary", norm="rmsnorm", activation="swiglu",
-                                     bias=False))
+        model = CausalLM(ModelConfig(vocab_size=512, block_size=1024, n_layer=n_layer, n_head=9, n_kv_head=3,
+                                     n_embd=72, ffn_hidden=192, positional="rotary", norm="rmsnorm",
+                                     activation="swiglu", bias=False))
     return for_inference(model.eval())
 
 
@@ -84,13 +84,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt", type=int, default=34, help="prompt tokens (default 34: the README's chat prompt)")
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per round (default 128)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=30, help="--model=toy: its layers (default 30, SmolLM2's)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled case (minutes of compiling)")
     ap.add_argument("--out", default=None, help="append the JSON line to this file")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load(args.model)
+    model = load(args.model, args.layers)
     prompt = torch.randint(0, 500, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     cases = {"modules": None, "flat": FlatDecoder.build(model)}
     result = {"model": args.model, "prompt": args.prompt, "tokens": args.tokens, "threads": torch.get_num_threads(),
