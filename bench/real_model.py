@@ -1,8 +1,8 @@
 """SmolLM2-135M-Instruct from its GGUF file: every minillm variant against transformers and llama.cpp.
 
     minillm pull smollm2-135m-instruct
-    python -m bench.real_model                      # the full run, ~45 min on a quiet 2-core CPU
-    python -m bench.real_model --quick              # tiny sizes, ~3 min: proves every row runs
+    python -m bench.real_model                      # the full run, ~30-45 min on a quiet 2-core CPU (estimated)
+    python -m bench.real_model --quick              # tiny sizes: proves every row runs (a few min when quiet)
     python -m bench.real_model --only=fp32,q4_1,llama.cpp --parts=speed
 
 Rows (bench/real_model_rows.py): minillm fp32 (the GGUF dequantized), bf16, minillm's own int8
