@@ -4,6 +4,7 @@
     minillm finetune out-bert --task=classify --data=sst2 --lora_rank=8
     minillm finetune out-bert --task=classify --data=reviews.csv --text_column=review --label_column=stars
     minillm finetune out-gpt --task=instruct --data=alpaca-1100   then: minillm generate out-finetune "..."
+    minillm finetune smollm2-135m-instruct --task=instruct --template=chat --lora_rank=8 --quantize=int4   QLoRA
 """
 
 from __future__ import annotations
@@ -21,19 +22,34 @@ from minillm.train.config import TrainingInterrupted
 
 def cmd_finetune(args, overrides: list[str]) -> int:
     """Fine-tune a minillm checkpoint or a Hugging Face BERT / GPT-2 folder on a classification or
-    instruction task; full, frozen trunk (--freeze_trunk=true) or LoRA (--lora_rank=8)."""
+    instruction task; full, frozen trunk (--freeze_trunk=true) or LoRA (--lora_rank=8); LoRA over a quantized
+    checkpoint, or with --quantize=int4, is QLoRA (the base stays 4-bit and frozen)."""
     (changes,) = split_overrides(overrides, FinetuneConfig)
     cfg = FinetuneConfig(**changes)
     device = resolve_device(cfg.device)
-    lm, tokenizer, meta = load_model(args.checkpoint, device)
+    if args.quantize:  # QLoRA: the base is held quantized (a GGUF's own blocks, or quantized here)
+        from minillm.finetune.qlora import load_quantized_base
+
+        if not cfg.lora_rank:
+            raise ValueError("--quantize trains LoRA adapters over a quantized base (QLoRA): pass --lora_rank=8 too")
+        lm, tokenizer, meta = load_quantized_base(args.checkpoint, args.quantize, device)
+    else:
+        lm, tokenizer, meta = load_model(args.checkpoint, device)
     check_finite_forward(lm, find_checkpoint(args.checkpoint))
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json: fine-tuning needs the tokenizer the model was "
                          "trained with")
-    if meta.get("quantization"):
-        raise ValueError(f"{args.checkpoint} is quantized ({meta['quantization'].get('scheme')}): "
-                         + ("LoRA on a quantized model is not supported: " if cfg.lora_rank else "")
-                         + "fine-tune the float checkpoint, then quantize the result")
+    from minillm.finetune.qlora import check_trainable, is_quantized
+
+    check_trainable(lm, cfg.mode)  # a quantized base (checkpoint or --quantize) trains adapters only: QLoRA
+    if is_quantized(lm) and not args.quantize:  # QLoRA is asked for, not stumbled into: its merge is a float model
+        scheme = lm.quant_config.get("scheme") if hasattr(lm, "quant_config") else "int4"
+        raise ValueError(f"{args.checkpoint} is quantized ({scheme}): LoRA on a quantized model is not supported "
+                         f"without --quantize: pass --quantize={scheme} to train QLoRA adapters over it as it is "
+                         "(the merged result is a float model), or fine-tune the float checkpoint")
+    if is_quantized(lm) and cfg.task == "classify":
+        raise ValueError("QLoRA runs --task=instruct: a classifier copies its trunk into a fresh float model "
+                         "(model/heads.py); classify from the float checkpoint with --lora_rank")
     if "classifier" in meta:
         raise ValueError(f"{args.checkpoint} is already a fine-tuned classifier; start from its base model")
     if cfg.lora_rank:  # before any data is read: a rank the layers cannot hold is a typo, said at once
@@ -105,6 +121,10 @@ def add_parser(sub) -> None:
         "--learning_rate=1e-3 | minillm finetune out --task=instruct --max_iters=500")
     p.add_argument("checkpoint", help="the base model: a minillm run/checkpoint folder or a Hugging Face "
                    "BERT / GPT-2 folder (with tokenizer.json)")
+    p.add_argument("--quantize", choices=("int4", "int8"), default=None,
+                   help="QLoRA (with --lora_rank): hold the frozen base in this format while the adapters train "
+                   "(a GGUF keeps its own blocks; a float model is quantized in groups of 32); the saved "
+                   "checkpoint is the float model with the adapter merged, the adapter alone is in OUT/adapter/")
     p.add_argument("--baseline", action="store_true",
                    help="classify: also fit the bag-of-words baseline on the same split and print its accuracy")
     p.set_defaults(func=cmd_finetune)

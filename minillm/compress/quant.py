@@ -157,6 +157,10 @@ class QuantLinear(nn.Module):
         return self.dequantized_weight(self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        if x.requires_grad and torch.is_grad_enabled():  # training through a frozen layer (QLoRA): Ŵ is
+            from minillm.compress.quant_grad import quant_linear  # recomputed in the backward, never kept
+
+            return quant_linear(x, self)
         if self.backend == "cpu" and not x.requires_grad:  # (the kernel has no backward)
             return self._cpu_layer()(x)
         if self.backend == "triton":

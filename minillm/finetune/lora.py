@@ -45,16 +45,24 @@ class LoRALinear(nn.Module):
     The base layer's own `weight` and `bias` Parameters are registered here under the same names, so
     the state-dict keys of W and b do not change (`...qkv.weight`) and code that reads `.weight` keeps
     working; weight tying with another module (e.g. lm_head ↔ tok_emb) is kept as well.
+
+    A QuantLinear base (QLoRA, finetune/qlora.py) is kept whole as `self.base` (keys `...qkv.base.weight_q`,
+    as PEFT's `base_layer`): its codes stay packed and frozen, and it computes x Ŵᵀ + b itself.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank  # α/r
-        self.weight = base.weight  # (out, in), frozen by apply_lora
-        self.bias = base.bias  # (out,) or None
-        w = base.weight
+        if isinstance(base, nn.Linear):
+            self.base = None
+            self.weight = base.weight  # (out, in), frozen by apply_lora
+            self.bias = base.bias  # (out,) or None
+            w = base.weight
+        else:  # a QuantLinear: A and B take the dtype and device of its scales (Ŵ's dtype)
+            self.base = base
+            w = base.scales
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
         # PEFT's init for A: nn.Linear's default, kaiming_uniform with a=√5, i.e. U(-1/√in, 1/√in)
@@ -69,24 +77,30 @@ class LoRALinear(nn.Module):
         # Two thin matmuls, x → (..., r) → (..., out), never the full (out, in) ΔW: that is the saving
         # in compute and activation memory during training.
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., out)
-        return F.linear(x, self.weight, self.bias) + self.scaling * update
+        frozen = F.linear(x, self.weight, self.bias) if self.base is None else self.base(x)  # (..., out)
+        return frozen + self.scaling * update
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, rank={self.rank}, alpha={self.alpha}")
+                f"bias={(self.bias if self.base is None else self.base.bias) is not None}, rank={self.rank}, "
+                f"alpha={self.alpha}")
 
 
 def _named_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Every nn.Linear or LoRALinear of the model by module name (the layers LoRA can adapt)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))}
+    """Every nn.Linear, QuantLinear (QLoRA) or LoRALinear of the model by module name (what LoRA can adapt)."""
+    from minillm.compress.quant import QuantLinear  # local: fine-tuning need not load the compressor
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear, LoRALinear))
+            and not isinstance(model.get_submodule(name.rpartition(".")[0]), LoRALinear)}
 
 
 def _check_not_quantized(model: nn.Module) -> None:
-    from minillm.compress.quant import QuantLinear  # local: fine-tuning need not load the compressor
+    from minillm.compress.quant import QuantLinear
 
     if hasattr(model, "quant_config") or any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("LoRA on a quantized model is not supported: fine-tune the float checkpoint, "
-                         "then quantize the merged model")
+                         "then quantize the merged model (or train QLoRA adapters over the quantized base: "
+                         "apply_lora(..., quantized=True), finetune/qlora.py)")
 
 
 def _targeted(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Module]:
@@ -119,11 +133,13 @@ def check_rank(model: nn.Module, rank: int, targets) -> dict[str, nn.Module]:
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=("qkv", "proj"),
-               dropout: float = 0.0) -> list[str]:
+               dropout: float = 0.0, quantized: bool = False) -> list[str]:
     """Freeze every parameter of `model`, then swap each nn.Linear whose name ends in one of `targets`
     (its last dotted component: "qkv" matches "transformer.blocks.0.attn.qkv") for a LoRALinear.
 
     In place; returns the names of the swapped layers. Only the A and B matrices are trainable after.
+    quantized=True adapts QuantLinear layers too (QLoRA, finetune/qlora.py). It is a choice to make
+    explicitly, since such a model merges into a float one, larger than the quantized model it started from.
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -132,7 +148,8 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=("q
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
     targets = _as_targets(targets)
-    _check_not_quantized(model)
+    if not quantized:
+        _check_not_quantized(model)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("this model already has LoRA layers: merge_lora it first, or apply LoRA once")
     chosen = check_rank(model, rank, targets)
@@ -151,7 +168,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     The merged weight is a new Parameter: if W was tied to another module (lm_head ↔ tok_emb), the
     other side keeps the old W, which is exactly what the unmerged model computed. Parameters stay
     frozen as apply_lora left them (model.requires_grad_(True) to train the whole model again).
+    A QLoRA model (quantized base) merges into a float model: every quantized layer is dequantized
+    first (finetune/qlora.py says why a 4-bit base cannot hold W + ΔW).
     """
+    if any(isinstance(m, LoRALinear) and m.base is not None for m in model.modules()):
+        from minillm.finetune.qlora import dequantize_model
+
+        dequantize_model(model)
     for name, m in list(model.named_modules()):
         if not isinstance(m, LoRALinear):
             continue
@@ -187,7 +210,7 @@ def expected_lora_parameters(model_or_shapes, rank: int, targets=("qkv", "proj")
     """
     targets = _as_targets(targets)
     if isinstance(model_or_shapes, nn.Module):
-        shapes = {name: tuple(m.weight.shape) for name, m in _named_linears(model_or_shapes).items()}
+        shapes = {name: (m.out_features, m.in_features) for name, m in _named_linears(model_or_shapes).items()}
     else:
         shapes = dict(model_or_shapes)
     return sum(rank * (n_in + n_out) for name, (n_out, n_in) in shapes.items()

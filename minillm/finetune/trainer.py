@@ -40,10 +40,14 @@ from minillm.train.optim import lr_at, make_optimizer
 def choose_trainable(model: torch.nn.Module, cfg: FinetuneConfig, head: list[str]) -> dict:
     """Set requires_grad for the mode; `head` names the task's own modules (always trained).
     Returns {"trainable", "total", "lora_layers"} parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
+    from minillm.finetune.qlora import check_trainable, quantized_weight_count
+
+    check_trainable(model, cfg.mode)  # a quantized base trains adapters only (QLoRA)
+    total = sum(p.numel() for p in model.parameters()) + quantized_weight_count(model)
     lora_layers = []
     if cfg.mode == "lora":
-        lora_layers = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.targets, cfg.lora_dropout)  # freezes all
+        lora_layers = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.targets, cfg.lora_dropout,  # freezes all
+                                 quantized=quantized_weight_count(model) > 0)  # QLoRA over a quantized base
     elif cfg.mode == "frozen":
         model.requires_grad_(False)
     else:
