@@ -3,6 +3,7 @@
 Read in this order:
     quant_format.py  the int8 (per channel) and int4 (group-wise, packed) formats: quantize / dequantize
     quant.py      weight-only quantization of a model: QuantLinear, quantize_model, the kernel switch
+    quant_grad.py the gradient through a frozen QuantLinear (QLoRA), Ŵ recomputed in the backward
     quantize.py   quantize a saved checkpoint and measure what it cost: bytes, perplexity, speed
     prune.py      pruning: unstructured magnitude (layer-wise, global, gradual), 2:4, and structured
                   (whole heads and FFN neurons removed: a smaller dense model)
