@@ -54,7 +54,11 @@ def tokens(seed: int = 1, B: int = 4) -> torch.Tensor:
 
 @pytest.mark.parametrize("scheme,group", [("int4", 32), ("int8", None), ("int8", 32)])
 @pytest.mark.parametrize("T", [1, 17])
-def test_gradient_through_a_quantlinear_equals_linear_on_the_dequantized_weight(scheme, group, T):
+@pytest.mark.parametrize("chunk", [4096, 20])  # the whole matrix at once; 20-row chunks (48 = 20 + 20 + 8)
+def test_gradient_through_a_quantlinear_equals_linear_on_the_dequantized_weight(scheme, group, T, chunk, monkeypatch):
+    from minillm.compress import quant_grad
+
+    monkeypatch.setattr(quant_grad, "CHUNK", chunk)
     torch.manual_seed(0)
     lin = nn.Linear(64, 48, dtype=torch.float64)
     q = QuantLinear.from_linear(lin, scheme, group, "reference", int8_groups=group is not None)

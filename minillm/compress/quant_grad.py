@@ -13,6 +13,10 @@ model again, which is exactly the memory QLoRA exists to avoid. This Function sa
 reference to the layer (whose packed codes are there anyway) and dequantizes Ŵ again in the
 backward, one layer at a time: a little more arithmetic, float memory of one layer at a time.
 
+The backward dequantizes CHUNK output rows at a time and sums their products,
+∂L/∂x = Σ_chunks ∂L/∂y[..., rows] · Ŵ[rows], so a large layer (SmolLM2's tied 49,152 × 576 head, 113 MB
+as floats) never needs its whole float matrix and the temporaries of dequantizing it at once.
+
 The forward is the layer's own (its backend: the C kernel on CPU, Triton on CUDA, or the reference).
 QuantLinear.forward calls this whenever its input requires a gradient.
 """
@@ -20,6 +24,10 @@ QuantLinear.forward calls this whenever its input requires a gradient.
 from __future__ import annotations
 
 import torch
+
+from minillm.compress.quant_format import dequantize
+
+CHUNK = 4096  # output rows dequantized at once in the backward: 4096 × K floats (9 MB at K = 576)
 
 
 class QuantLinearFunction(torch.autograd.Function):
@@ -32,8 +40,15 @@ class QuantLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):  # (..., N) -> (..., K)
-        w = ctx.layer.dequantized_weight(grad_y.dtype)  # (N, K), freed when this returns
-        return grad_y @ w, None  # no gradient for the layer (frozen codes)
+        q = ctx.layer
+        grad_x = None
+        for n0 in range(0, q.out_features, CHUNK):  # rows n0 .. n0+CHUNK of Ŵ (N, K): codes and scales by row
+            rows = slice(n0, n0 + CHUNK)
+            zeros = q.zeros[rows] if q.zeros is not None else None
+            w = dequantize(q.scheme, q.weight_q[rows], q.scales[rows], zeros, grad_y.dtype)  # (rows, K)
+            part = grad_y[..., rows] @ w  # (..., K)
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x, None  # no gradient for the layer (frozen codes)
 
 
 def quant_linear(x: torch.Tensor, layer) -> torch.Tensor:
