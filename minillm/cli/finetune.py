@@ -22,8 +22,9 @@ from minillm.train.config import TrainingInterrupted
 
 def cmd_finetune(args, overrides: list[str]) -> int:
     """Fine-tune a minillm checkpoint or a Hugging Face BERT / GPT-2 folder on a classification or
-    instruction task; full, frozen trunk (--freeze_trunk=true) or LoRA (--lora_rank=8); LoRA over a quantized
-    checkpoint, or with --quantize=int4, is QLoRA (the base stays 4-bit and frozen)."""
+    instruction task; full, frozen trunk (--freeze_trunk=true) or LoRA (--lora_rank=8); LoRA with --quantize=int4
+    is QLoRA (the base stays 4-bit and frozen: a float model quantized, a GGUF's own blocks, or a quantized
+    checkpoint of that scheme)."""
     (changes,) = split_overrides(overrides, FinetuneConfig)
     cfg = FinetuneConfig(**changes)
     device = resolve_device(cfg.device)
