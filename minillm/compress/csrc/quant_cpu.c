@@ -39,6 +39,7 @@
 #define QB 32                     /* activation block: 32 inputs share one scale d_b */
 #define MIN_PARALLEL (1 << 17)    /* weights below which one thread is faster than waking the others */
 #define R 4                       /* output rows computed together (AVX2) */
+#define MAX_M 16                  /* tiles handle up to 15 activation rows (cpu_kernel.GEMM_MIN_M - 1) */
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };  /* dtype codes for x, scales and zeros */
 
@@ -61,6 +62,14 @@ static inline float load_f(const void *p, int type, int64_t i) {
     if (type == F16) return half_to_float(h);
     uint32_t bits = (uint32_t)h << 16; float f; memcpy(&f, &bits, 4); return f;  /* bf16: top half */
 }
+
+/* One quantized layer, described once (cpu_kernel.py builds it when the layer's tensors change), so
+ * that a call from Python passes 6 arguments instead of 15: ctypes converts each one, every call. */
+typedef struct {
+    const void *w; int64_t N, K, G;     /* codes (N, K) int8 or (N, K/2) uint8; G = 0: int8 per channel */
+    int32_t bits, s_type, z_type, pad;  /* 8 or 4; dtype codes of scales and zeros */
+    const void *s, *z; const float *bias;
+} QLayer;
 
 /* --- 1. quantize the activations, one row at a time ----------------------------------------- */
 /* Row x (K,) -> xq (nb·QB,) int8 and d (nb,) scales, nb = ceil(K/QB); for int4 also, per group of G,
@@ -125,23 +134,22 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* --- 3. R outputs at once: rows n..n+R-1 of W against one quantized activation row ---------------- */
-/* Each activation block is loaded once for R weight rows, and R independent accumulators keep the
- * FMA unit busy (one accumulator would wait on its own previous sum every block). The per-block
- * factor c[r][b] = s[n+r, g(b)]·d_b is computed up front in a small table, so the hot loop only
- * broadcasts it: with G = 32 a scale changes every block, and converting it there was half the time. */
-static void load_rows(const void *p, int type, int64_t n, int64_t ng, float *dst) {  /* R rows of (N, ng) */
-    if (type == F32) memcpy(dst, (const float *)p + n * ng, sizeof(float) * R * ng);
-    else for (int64_t i = 0; i < R * ng; i++) dst[i] = load_f(p, type, n * ng + i);
-}
+/* --- 3. a tile: R weight rows against all M activation rows ----------------------------------- */
+/* Loop order: block b -> activation row m -> weight row r. A weight block is loaded and unpacked once
+ * and then dotted with the M activation blocks, so batch-8 decoding reads and unpacks W once, not
+ * 8 times. The R·M accumulators are independent, which also keeps the FMA unit busy (one accumulator
+ * would wait on its own previous sum every block).
+ * No per-row set-up: the factor s[n, g(b)]·d_b is formed in the loop (two broadcasts and a multiply
+ * are cheaper than filling a table when a row has only K/32 = 18 blocks), and the -8 of (q - 8)
+ * stays in the integers: Σ (q-8)·xq = Σ q·xq - Σ 8·xq, the second dot shared by the R rows.
+ * Only the zero term z_g·Σx remains per row, one short dot over the groups.
+ * `always_inline` + a constant M at the call site (M = 1) lets the compiler keep the accumulators in
+ * registers for the batch-1 case; for M > 1 they live in a small array in L1. */
 
-static void block_factors(const float *sr, int64_t ng, int64_t bpg, const float *d, float *c) {  /* c = s·d */
-    if (bpg == 1) {  /* G = 32: one scale per block, a plain (vectorised) product */
-        for (int64_t b = 0; b < ng; b++) c[b] = sr[b] * d[b];
-        return;
-    }
-    for (int64_t g = 0, b = 0; g < ng; g++)
-        for (int64_t j = 0; j < bpg; j++, b++) c[b] = sr[g] * d[b];
+static inline const float *rows_f32(const void *p, int type, int64_t n, int64_t ng, float *buf) {
+    if (type == F32) return (const float *)p + n * ng;   /* (R, ng) rows read in place */
+    for (int64_t i = 0; i < R * ng; i++) buf[i] = load_f(p, type, n * ng + i);
+    return buf;
 }
 
 static float dot_f32(const float *a, const float *b, int64_t n) {  /* Σ a·b, 8 lanes at a time */
@@ -153,55 +161,70 @@ static float dot_f32(const float *a, const float *b, int64_t n) {  /* Σ a·b, 8
     return sum;
 }
 
-static void rows_int4(const uint8_t *w, int64_t n, int64_t K, int64_t G, const void *s, int st, const void *z,
-                      int zt, const int8_t *xq, const float *d, const float *gsx, const float *gdsq, float *out) {
-    int64_t ng = K / G, bpg = G / QB, nb = K / QB, ldw = K / 2;
-    float sr[R * ng], zr[R * ng], c[R * nb];  /* (R, ng) scales and zeros, (R, nb) block factors */
-    load_rows(s, st, n, ng, sr);
-    load_rows(z, zt, n, ng, zr);
-    __m256 acc[R];
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    for (int r = 0; r < R; r++) {
-        /* Σ_g z_g·Σx - 8·s_g·Σ d·xq: the zero and the -8 of (q - 8), once per group */
-        out[r] = dot_f32(zr + r * ng, gsx, ng) - 8.0f * dot_f32(sr + r * ng, gdsq, ng);
-        block_factors(sr + r * ng, ng, bpg, d, c + r * nb);
-        acc[r] = _mm256_setzero_ps();
-    }
+/* out[m·R + r] = Σ_k Ŵ[n+r, k]·x[m, k] for m < M, r < R.  xq (M, nb·QB), d (M, nb), gsx (M, ng). */
+static inline __attribute__((always_inline)) void tile_int4(const QLayer *L, int64_t n, int64_t M,
+        const int8_t *xq, const float *d, const float *gsx, float *sbuf, float *zbuf, float *out) {
+    int64_t K = L->K, ng = K / L->G, bpg = L->G / QB, nb = K / QB, ldw = K / 2;
+    const float *s = rows_f32(L->s, L->s_type, n, ng, sbuf), *z = rows_f32(L->z, L->z_type, n, ng, zbuf);
+    const uint8_t *w = (const uint8_t *)L->w + n * ldw;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+    __m256 acc[MAX_M * R];
+    for (int64_t i = 0; i < M * R; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QB));  /* [16 even k | 16 odd k] */
-        for (int r = 0; r < R; r++) {
-            __m128i bytes = _mm_loadu_si128((const __m128i *)(w + (n + r) * ldw + b * QB / 2));
-            __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low4);
-            __m256 p = _mm256_cvtepi32_ps(dot_u8s8(q, xv));  /* Σ q·xq, in 8 partial sums */
-            acc[r] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(c + r * nb + b), acc[r]);
+        __m256i q[R];
+        __m256 sv[R];
+        for (int r = 0; r < R; r++) {  /* unpack: 16 bytes -> [16 low nibbles (even k) | 16 high (odd k)] */
+            __m128i bytes = _mm_loadu_si128((const __m128i *)(w + r * ldw + b * QB / 2));
+            q[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low4);
+            sv[r] = _mm256_broadcast_ss(s + r * ng + b / bpg);
+        }
+        for (int64_t m = 0; m < M; m++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * nb * QB + b * QB));
+            __m256i x8 = dot_u8s8(eight, xv);                 /* Σ 8·xq, in 8 partial sums */
+            __m256 dv = _mm256_broadcast_ss(d + m * nb + b);
+            for (int r = 0; r < R; r++) {
+                __m256i p = _mm256_sub_epi32(dot_u8s8(q[r], xv), x8);  /* Σ (q-8)·xq, exact */
+                acc[m * R + r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sv[r], dv), acc[m * R + r]);
+            }
         }
     }
-    for (int r = 0; r < R; r++) out[r] += hsum(acc[r]);
+    for (int64_t m = 0; m < M; m++)
+        for (int r = 0; r < R; r++)  /* + Σ_g z_g·Σ_{k in g} x: the zero term, exact Σx */
+            out[m * R + r] = hsum(acc[m * R + r]) + dot_f32(z + r * ng, gsx + m * ng, ng);
 }
 
-static void rows_int8(const int8_t *w, int64_t n, int64_t K, int64_t G, const void *s, int st,
-                      const int8_t *xq, const float *d, float *out) {
-    int64_t nfull = K / QB, ng = G ? K / G : 1, bpg = G ? G / QB : 1;
-    float sr[R * ng], c[G ? R * nfull : 1];
-    load_rows(s, st, n, ng, sr);
-    for (int r = 0; r < R && G; r++) block_factors(sr + r * ng, ng, bpg, d, c + r * nfull);
-    __m256 acc[R];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+static inline __attribute__((always_inline)) void tile_int8(const QLayer *L, int64_t n, int64_t M,
+        const int8_t *xq, const float *d, float *sbuf, float *out) {
+    int64_t K = L->K, G = L->G, nfull = K / QB, nb = (K + QB - 1) / QB, ng = G ? K / G : 1, bpg = G ? G / QB : 1;
+    const float *s = rows_f32(L->s, L->s_type, n, ng, sbuf);  /* per channel: ng = 1, s[r] */
+    const int8_t *w = (const int8_t *)L->w + n * K;
+    __m256 acc[MAX_M * R];
+    for (int64_t i = 0; i < M * R; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nfull; b++) {
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QB));
-        __m256 db = _mm256_broadcast_ss(d + b);  /* per channel: s[n] is applied once, at the end */
+        __m256i q[R], qa[R];
+        __m256 sv[R];
         for (int r = 0; r < R; r++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(w + (n + r) * K + b * QB));
-            __m256 p = _mm256_cvtepi32_ps(dot_u8s8(_mm256_abs_epi8(q), _mm256_sign_epi8(xv, q)));  /* |q|·sign(q)xq */
-            acc[r] = _mm256_fmadd_ps(p, G ? _mm256_broadcast_ss(c + r * nfull + b) : db, acc[r]);
+            q[r] = _mm256_loadu_si256((const __m256i *)(w + r * K + b * QB));
+            qa[r] = _mm256_abs_epi8(q[r]);  /* |q| is the unsigned operand; its sign moves onto xq */
+            sv[r] = G ? _mm256_broadcast_ss(s + r * ng + b / bpg) : _mm256_set1_ps(1.0f);
+        }
+        for (int64_t m = 0; m < M; m++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * nb * QB + b * QB));
+            __m256 dv = _mm256_broadcast_ss(d + m * nb + b);
+            for (int r = 0; r < R; r++) {
+                __m256 p = _mm256_cvtepi32_ps(dot_u8s8(qa[r], _mm256_sign_epi8(xv, q[r])));  /* Σ q·xq */
+                acc[m * R + r] = _mm256_fmadd_ps(p, G ? _mm256_mul_ps(sv[r], dv) : dv, acc[m * R + r]);
+            }
         }
     }
-    for (int r = 0; r < R; r++) {
-        float a = hsum(acc[r]);
-        if (K % QB)  /* ragged tail (per channel only: groups are multiples of 32) */
-            a += d[nfull] * (float)dot_int8_scalar(w + (n + r) * K + nfull * QB, xq + nfull * QB, (int)(K % QB));
-        out[r] = G ? a : a * sr[r];
-    }
+    for (int64_t m = 0; m < M; m++)
+        for (int r = 0; r < R; r++) {
+            float a = hsum(acc[m * R + r]);
+            if (K % QB)  /* ragged tail (per channel only: groups are multiples of 32) */
+                a += d[m * nb + nfull] * (float)dot_int8_scalar(w + r * K + nfull * QB, xq + m * nb * QB + nfull * QB,
+                                                                (int)(K % QB));
+            out[m * R + r] = G ? a : a * s[r];  /* per channel: s[n] applied once, at the end */
+        }
 }
 #endif
 
@@ -232,16 +255,10 @@ static float row_int8(const int8_t *w, int64_t n, int64_t K, int64_t G, const vo
 }
 
 /* --- 4. the entry point ------------------------------------------------------------------------ */
-/* One quantized layer, described once (cpu_kernel.py builds it when the layer's tensors change), so
- * that a call from Python passes 6 arguments instead of 15: ctypes converts each one, every call. */
-typedef struct {
-    const void *w; int64_t N, K, G;     /* codes (N, K) int8 or (N, K/2) uint8; G = 0: int8 per channel */
-    int32_t bits, s_type, z_type, pad;  /* 8 or 4; dtype codes of scales and zeros */
-    const void *s, *z; const float *bias;
-} QLayer;
 
 /* y (M, N) fp32 = x (M, K) @ Ŵᵀ + b. Threads split the N outputs in tiles of R rows: each thread
- * reads its rows of W once and, for M > 1, reuses them (from L1) for all M activation rows.
+ * reads its rows of W once and, for M > 1, dots each unpacked block with all M activation rows
+ * (up to 15 per pass; more are taken in chunks, though cpu_kernel.py sends M >= 16 to a float GEMM).
  * Returns 0, or -1 when the scratch buffer cannot be allocated. */
 int minillm_qlinear(const QLayer *L, const void *x, int x_type, int64_t M, float *y, int n_threads) {
     int64_t N = L->N, K = L->K, G = L->G, nb = (K + QB - 1) / QB, ng = G ? K / G : 1;
@@ -258,21 +275,31 @@ int minillm_qlinear(const QLayer *L, const void *x, int x_type, int64_t M, float
     #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t t = 0; t < (N + R - 1) / R; t++) {
         int64_t n = t * R, rows = N - n < R ? N - n : R;
-        for (int64_t m = 0; m < M; m++) {
-            const int8_t *xm = xq + m * nb * QB;
-            const float *dm = d + m * nb, *gsxm = gsx + m * ng, *gdsqm = gdsq + m * ng;
-            float out[R];
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_M - 1) {  /* activation rows in chunks a tile can hold */
+            int64_t mc = M - m0 < MAX_M - 1 ? M - m0 : MAX_M - 1;
+            const int8_t *xm = xq + m0 * nb * QB;
+            const float *dm = d + m0 * nb, *gsxm = gsx + m0 * ng, *gdsqm = gdsq + m0 * ng;
+            float out[MAX_M * R];  /* (mc, R) */
 #if USE_AVX2
             if (rows == R) {
-                if (split) rows_int4(L->w, n, K, G, L->s, L->s_type, L->z, L->z_type, xm, dm, gsxm, gdsqm, out);
-                else rows_int8(L->w, n, K, G, L->s, L->s_type, xm, dm, out);
+                float sbuf[R * ng], zbuf[R * ng];  /* scales/zeros as fp32 when they are bf16/fp16 */
+                if (split) {
+                    if (mc == 1) tile_int4(L, n, 1, xm, dm, gsxm, sbuf, zbuf, out);  /* constant M = 1: */
+                    else tile_int4(L, n, mc, xm, dm, gsxm, sbuf, zbuf, out);     /* registers, see above */
+                } else {
+                    if (mc == 1) tile_int8(L, n, 1, xm, dm, sbuf, out);
+                    else tile_int8(L, n, mc, xm, dm, sbuf, out);
+                }
             } else
 #endif
-            for (int64_t r = 0; r < rows; r++)
-                out[r] = split ? row_int4(L->w, n + r, K, G, L->s, L->s_type, L->z, L->z_type, xm, dm, gsxm, gdsqm)
-                               : row_int8(L->w, n + r, K, G, L->s, L->s_type, xm, dm);
-            for (int64_t r = 0; r < rows; r++)
-                y[m * N + n + r] = out[r] + (L->bias ? L->bias[n + r] : 0.0f);
+            for (int64_t m = 0; m < mc; m++)
+                for (int64_t r = 0; r < rows; r++)
+                    out[m * R + r] = split ? row_int4(L->w, n + r, K, G, L->s, L->s_type, L->z, L->z_type,
+                                                      xm + m * nb * QB, dm + m * nb, gsxm + m * ng, gdsqm + m * ng)
+                                           : row_int8(L->w, n + r, K, G, L->s, L->s_type, xm + m * nb * QB, dm + m * nb);
+            for (int64_t m = 0; m < mc; m++)
+                for (int64_t r = 0; r < rows; r++)
+                    y[(m0 + m) * N + n + r] = out[m * R + r] + (L->bias ? L->bias[n + r] : 0.0f);
         }
     }
     free(scratch);
