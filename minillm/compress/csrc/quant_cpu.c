@@ -38,7 +38,15 @@
 
 #define QB 32                     /* activation block: 32 inputs share one scale d_b */
 #define MIN_PARALLEL (1 << 17)    /* weights below which one thread is faster than waking the others */
-#define R 4                       /* output rows computed together (AVX2) */
+/* Output rows computed together (a tile). A tile holds, per row, its unpacked block, its scale and an
+ * accumulator in vector registers: 4 rows fit AVX2's 16; with AVX-512's 32 registers (even for 256-bit
+ * code) 8 rows fit, and each activation block then serves 8 rows: 1.1-1.17x faster on the SmolLM2 int4
+ * layers at 1 thread (int8 head unchanged). Rows past the last full tile take the portable path. */
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+#define R 8
+#else
+#define R 4
+#endif
 #define MAX_M 16                  /* tiles handle up to 15 activation rows (cpu_kernel.GEMM_MIN_M - 1) */
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };  /* dtype codes for x, scales and zeros */
