@@ -354,7 +354,8 @@ int minillm_qlinear(const QLayer *L, const void *x, int x_type, int64_t M, float
                 for (int64_t r = 0; r < rows; r++)
                     out[m * R + r] = split ? row_int4(L->w, n + r, K, G, L->s, L->s_type, L->z, L->z_type,
                                                       xm + m * nb * QB, dm + m * nb, gsxm + m * ng, gdsqm + m * ng)
-                                           : row_int8(L->w, n + r, K, G, L->s, L->s_type, xm + m * nb * QB, dm + m * nb);
+                                           : row_int8(L->w, n + r, K, G, L->s, L->s_type, xm + m * nb * QB,
+                                                      dm + m * nb);
             for (int64_t m = 0; m < mc; m++)
                 for (int64_t r = 0; r < rows; r++)
                     y[(m0 + m) * N + n + r] = out[m * R + r] + (L->bias ? L->bias[n + r] : 0.0f);
