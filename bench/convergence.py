@@ -9,7 +9,7 @@ Recipes (nanoGPT's config/train_shakespeare_char.py and its README's CPU variant
     gpu  the baby GPT: 6/6/384, block 256, batch 64, 5000 iters, dropout 0.2, eval_iters 200.
                                                            nanoGPT: best val loss ~1.47
 Writes JSON (machine, configs, val loss per eval step, speed) and a PNG plot beside it.
-Targets: the README's "Speed targets" (cpu ≤ 1.90 at step 2000; gpu ≤ 1.48 best).
+Targets: docs/guides/benchmarks-cloud.md, "Speed targets" (cpu ≤ 1.90 at step 2000; gpu ≤ 1.48 best).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from minillm.model.config import ModelConfig  # noqa: E402
 from minillm.train import RECIPES, TrainConfig, train  # noqa: E402
 
 RECIPE_NAMES = {"cpu": "shakespeare-char-cpu", "gpu": "shakespeare-char"}
-# What nanoGPT reaches with the same recipe (the README's "Speed targets") and what we must reach.
+# What nanoGPT reaches with the same recipe (docs/guides/benchmarks-cloud.md, "Speed targets") and what we must reach.
 REFERENCE = {
     "cpu": {"nanogpt_val_loss_at_end": 1.8857, "target_val_loss_at_end": 1.90, "nanogpt_ms_per_iter_2core": 55},
     "gpu": {"nanogpt_best_val_loss": 1.4611, "target_best_val_loss": 1.48, "nanogpt_ms_per_iter_h100": 10.8},

@@ -30,7 +30,7 @@ PROVIDER_KEYS = ("provider", "impl", "backend", "method", "kernel", "attention")
 X_KEYS = ("N", "seq_len", "seqlen", "T", "n_ctx", "context", "prompt_len", "n_tokens", "M", "K")
 # Providers that serve as the baseline of a speedup when --baseline is not given: what a user
 # would pick instead of minillm's own code (PyTorch's fused attention, plain bf16 F.linear, ...).
-# SDPA's flash backend first: it is what the README's speed targets measure kernels against.
+# SDPA's flash backend first: it is what the speed targets (docs/guides/benchmarks-cloud.md) measure kernels against.
 BASELINES = ("sdpa_flash", "sdpa", "bf16", "torch", "eager", "reference", "sdpa_math", "naive")
 # Figures a suite may record in extra_info, under any of these names, and the column they fill.
 METRICS = {

@@ -7,7 +7,8 @@ Model: `tiny` on a CPU ("quick"), nanoGPT's baby GPT (`char-small`, 6/6/384, blo
 ("full"), random weights (speed does not depend on what the weights say). Decoding is greedy so
 both modes do the same work; each case first checks that cached and uncached decoding produce
 the same tokens. Uncached decoding re-runs the whole prefix every token, as nanoGPT's sample.py
-does: the reference the KV cache is measured against (the README's speed targets: ≥ 5× its tokens/s).
+does: the reference the KV cache is measured against (the speed targets in
+docs/guides/benchmarks-cloud.md: ≥ 5× its tokens/s).
 
 `test_decode_past_context` decodes after a full block_size prompt, so every token is past the
 context: nanoGPT's sliding window against the cached re-prefill (minillm/generate/sampling.py).

@@ -36,7 +36,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, ddp_accum):
                   cache_dir=str(tmp_path / "cache"))
     model = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
 
-    # accumulation 1 over 2 processes (the default, as the README's torchrun line runs it) is rounded
+    # accumulation 1 over 2 processes (the default, as the torchrun line in docs/guides/pretrain.md runs it) is rounded
     # up to one micro-batch per process: the same global batch as accumulation 2
     ddp_args = {**common, **model, "gradient_accumulation_steps": ddp_accum}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -204,7 +204,7 @@ def test_smollm2_from_gguf_exports_to_transformers(tmp_path):
     assert auto(chat)["input_ids"] == ids
     idx = torch.tensor([ids])
     with torch.no_grad():  # 30 layers in fp32 summed in another order: 8.6e-5 measured (logits up to 38);
-        # transformers' own two attention paths differ by 1.5e-4 on this model (README, "A real model")
+        # transformers' own two attention paths differ by 1.5e-4 on this model (docs/guides/real-models.md)
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=2e-4, rtol=0)
     assert hf.generate(idx, max_new_tokens=8, do_sample=False).tolist() == \
         generate(model, idx, max_new_tokens=8, temperature=0).tolist()

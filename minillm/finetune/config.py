@@ -1,7 +1,7 @@
 """What a fine-tuning run is told: FinetuneConfig, every knob with why it exists.
 
 `minillm finetune CHECKPOINT --key=value` sets any field, checked against its type, as for training.
-Three ways to fine-tune the same model (compare them; the README has measured figures):
+Three ways to fine-tune the same model (compare them; docs/guides/finetune.md has measured figures):
 
     full            every weight trains (the default)              most capacity, a full copy per task
     freeze_trunk    only the head trains (BERT: pooler + classifier)   what the pre-trained features alone know
