@@ -37,7 +37,6 @@ import torch
 import torch.nn as nn
 
 from minillm.compress.quant import QuantEmbedding, QuantLinear, default_backend, quantize_model, set_backend
-from minillm.finetune.lora import LoRALinear
 
 GROUP_SIZE = 32  # int4's group when a float model is quantized for QLoRA: GGUF's block, and the paper's 64 halved
 
@@ -107,7 +106,9 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         return None if q.bias is None else nn.Parameter(q.bias.clone(), requires_grad=False)  # (N,)
 
     for parent in list(model.modules()):  # (every parent: a tied table is the child of two)
-        if isinstance(parent, LoRALinear) and parent.base is not None:
+        # a LoRALinear over a quantized base (lora.py, which imports this file to merge: so it is
+        # recognised by its `base` here rather than imported back)
+        if isinstance(getattr(parent, "base", None), QuantLinear):
             q = parent.base
             parent.base = None
             parent.weight, parent.bias = weight(q), bias(q)

@@ -19,6 +19,11 @@ Read in this order:
                              Q4_K/Q5_K/Q6_K), each layout explained where it is unpacked
     gguf_llama.py            a llama GGUF (SmolLM2, Llama, Mistral) as a CausalLM: config from
                              metadata, llama.cpp's tensor names mapped onto minillm's (load_gguf)
+    gguf_keep.py             a GGUF's quantized blocks kept as they are (keep_quantized=True): Q4_0/
+                             Q4_1/Q4_K as int4 g32, Q8_0/Q5_0 as int8 g32, repacked, never re-quantized
+    gguf_blocks.py           GGML's reference block quantizers (Q8_0, Q4_0, Q4_1), for the writer
+    gguf_vocab.py            a minillm tokenizer as GGUF tokenizer.ggml.* metadata (tokens, merges, pre)
+    gguf_write.py            a llama-recipe model written as a GGUF file (`minillm export --format=gguf`)
     pull.py                  real models fetched from the package index with pip (`minillm pull`),
                              checked by sha256 and kept in the user cache
 
