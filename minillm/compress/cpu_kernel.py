@@ -48,7 +48,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).parent / "csrc" / "quant_cpu.c"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "quant_cpu.c"]  # compiled together into one library
+HEADERS = [CSRC / "quant_cpu.h"]  # what they share (part of the cache key: a changed header rebuilds)
 FLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off"]  # no silent FMA: dequantize is bit-exact
 # From this many rows on, expand W to fp32 once and use PyTorch's GEMM: the integer kernel's time grows
 # with M while the GEMM's barely does; on our 2-core CPU (one thread, 576x1536 and 128x512 layers) they
@@ -86,7 +88,7 @@ def _build_and_load(cc: str | None, flag_sets: list[list[str]] | None = None) ->
     if not compiler or not shutil.which(compiler):
         raise RuntimeError(f"no C compiler found ({compiler or 'cc, gcc, clang'}: set CC or install gcc); "
                            "using the reference path")
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     flag_sets = flag_sets or [FLAGS + ["-march=native", "-fopenmp"], FLAGS + ["-fopenmp"], FLAGS]  # best first
     errors = []
     for flags in flag_sets:
@@ -109,7 +111,7 @@ def _compile(compiler: str, flags: list[str], path: Path) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        r = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+        r = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True,
                            timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
         os.unlink(tmp)
@@ -149,7 +151,7 @@ def _cpu_flags() -> str:
 
 # --- the op ------------------------------------------------------------------------------------
 
-class _QLayer(ctypes.Structure):  # csrc/quant_cpu.c's QLayer, field for field
+class _QLayer(ctypes.Structure):  # csrc/quant_cpu.h's QLayer, field for field
     _fields_ = [("w", ctypes.c_void_p), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("G", ctypes.c_int64),
                 ("bits", ctypes.c_int32), ("s_type", ctypes.c_int32), ("z_type", ctypes.c_int32),
                 ("pad", ctypes.c_int32), ("s", ctypes.c_void_p), ("z", ctypes.c_void_p), ("bias", ctypes.c_void_p)]

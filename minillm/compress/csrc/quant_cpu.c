@@ -29,6 +29,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "quant_cpu.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define USE_AVX2 1
@@ -48,8 +50,6 @@
 #define R 4
 #endif
 #define MAX_M 16                  /* tiles handle up to 15 activation rows (cpu_kernel.GEMM_MIN_M - 1) */
-
-enum { F32 = 0, BF16 = 1, F16 = 2 };  /* dtype codes for x, scales and zeros */
 
 static float half_to_float(uint16_t h) {  /* IEEE fp16 -> fp32, exact, portable */
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
@@ -71,13 +71,6 @@ static inline float load_f(const void *p, int type, int64_t i) {
     uint32_t bits = (uint32_t)h << 16; float f; memcpy(&f, &bits, 4); return f;  /* bf16: top half */
 }
 
-/* One quantized layer, described once (cpu_kernel.py builds it when the layer's tensors change), so
- * that a call from Python passes 6 arguments instead of 15: ctypes converts each one, every call. */
-typedef struct {
-    const void *w; int64_t N, K, G;     /* codes (N, K) int8 or (N, K/2) uint8; G = 0: int8 per channel */
-    int32_t bits, s_type, z_type, pad;  /* 8 or 4; dtype codes of scales and zeros */
-    const void *s, *z; const float *bias;
-} QLayer;
 
 /* --- 1. quantize the activations, one row at a time ----------------------------------------- */
 /* Row x (K,) -> xq (nb·QB,) int8 and d (nb,) scales, nb = ceil(K/QB); for int4 also, per group of G,
