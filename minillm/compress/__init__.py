@@ -4,7 +4,8 @@ Read in this order:
     quant_format.py  the int8 (per channel) and int4 (group-wise, packed) formats: quantize / dequantize
     quant.py      weight-only quantization of a model: QuantLinear, quantize_model, the kernel switch
     cpu_kernel.py the 'cpu' backend: a small C kernel (csrc/quant_cpu.c), compiled on first use, that dots
-                  int8/int4 codes with 8-bit activations per block of 32, as llama.cpp does
+                  int8/int4 codes with 8-bit activations per block of 32, as llama.cpp does;
+                  csrc/decode_cpu.c, built beside it, runs a whole decode step (generate/native.py)
     quant_grad.py the gradient through a frozen QuantLinear (QLoRA), Ŵ recomputed in the backward
     quantize.py   quantize a saved checkpoint and measure what it cost: bytes, perplexity, speed
     prune.py      pruning: unstructured magnitude (layer-wise, global, gradual), 2:4, and structured

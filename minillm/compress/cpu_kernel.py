@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "quant_cpu.c"]  # compiled together into one library
+SOURCES = [CSRC / "quant_cpu.c", CSRC / "decode_cpu.c"]  # compiled together into one library (decode_cpu.c:
+# a Llama-family decode step over all layers, driven by minillm/generate/native.py)
 HEADERS = [CSRC / "quant_cpu.h"]  # what they share (part of the cache key: a changed header rebuilds)
 FLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off"]  # no silent FMA: dequantize is bit-exact
 # From this many rows on, expand W to fp32 once and use PyTorch's GEMM: the integer kernel's time grows
@@ -130,6 +131,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.minillm_dequantize.argtypes = [p, i32, i64, i64, i64, p, i32, p, i32, p, i32]
     lib.minillm_dequantize.restype = None
     lib.minillm_has_avx2.restype = i32
+    lib.minillm_decode_step.argtypes = [p, p, i64, i64, p, p, i64, i32]
+    lib.minillm_decode_step.restype = i32
 
 
 def _cache_dir() -> Path:

@@ -9,6 +9,8 @@ Read in this order:
                   several prompts in one left-padded batch, past block_size, streaming text
     text.py       from new token ids to final text: stop strings, held-back UTF-8 and stop prefixes
     flat.py       a cached decode step without the module tree: the same ops, less Python per token
+    native.py     the same step with the layer stack in one C call (compress/csrc/decode_cpu.c), for a
+                  Llama-family model quantized on the CPU backend: no Python between the matmuls
     speculative.py  speculative decoding: a draft model or prompt lookup guesses k tokens, one `extend`
                   of the target checks them (the target's distribution, greedy's very tokens)
     beam.py       greedy and beam search (GNMT's or Hugging Face's length penalty) for the

@@ -60,6 +60,7 @@ from torch.nn.modules import module as nn_module
 
 from minillm.model.attention import MultiHeadAttention, attention_dispatch
 from minillm.model.layers import FeedForward, bound_forward
+from minillm.generate.native import NativeDecoder, why_not
 from minillm.model.positional import LearnedPositions, SinusoidalPositions
 
 
@@ -109,8 +110,12 @@ class FlatDecoder:
         self.step = torch.compile(self._step, dynamic=True, backend=backend) if compile else self._step
 
     @classmethod
-    def build(cls, model: nn.Module, compile: bool | str = False) -> "FlatDecoder | None":
+    def build(cls, model: nn.Module, compile: bool | str = False, native: bool = True):
         """A FlatDecoder for `model` now (weights as they are), or None if the modules must run.
+
+        native: where NativeDecoder applies (generate/native.py: a Llama-family model whose linears
+        are all QuantLinear on the "cpu" backend), return one instead: the same step, with the layer
+        stack in one C call (not bit for bit: ~1e-6 relative). Ignored with compile.
 
         compile: True runs each step through torch.compile with Inductor (see the module docstring:
         not bit for bit, off by default); a string names another torch.compile backend ("eager"
@@ -129,7 +134,7 @@ class FlatDecoder:
         if tr.pos_emb is not None and not isinstance(tr.pos_emb, (SinusoidalPositions, LearnedPositions)):
             return None
         if not compile:
-            return cls(model)
+            return NativeDecoder(model, cls(model)) if native and why_not(model) == "" else cls(model)
         key = (_identity(model), compile)
         seen = _COMPILED.get(model)
         if seen is None or seen[0] != key:
