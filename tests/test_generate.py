@@ -386,3 +386,24 @@ def test_flat_decode_runs_quantized_layers_through_their_own_forward():
     model = quantize_model(tiny_model(), "int8", 128, False, False, backend="reference")
     idx = prompt()
     assert torch.equal(generate(model, idx, 30, 0.0, flat_decode=True), generate(model, idx, 30, 0.0))
+
+
+def test_last_only_gives_the_last_positions_logits_and_prefill_uses_it():
+    """A prompt's prefill needs one position's logits: the head (C × V per position) runs once, not T
+    times. The logits are those of the full forward's last position."""
+    from minillm.generate.core import prefill
+
+    model = tiny_model(positional="rotary").eval()
+    idx = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full, _ = model(idx)  # (B, T, V)
+        last, _ = model(idx, last_only=True)  # (B, 1, V)
+        assert last.shape == (2, 1, 40)
+        torch.testing.assert_close(last[:, 0], full[:, -1])
+        calls = []
+        model.lm_head.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
+        torch.testing.assert_close(prefill(model, idx, model.new_cache(2)), full[:, -1])
+        torch.testing.assert_close(prefill(model, idx), full[:, -1])
+    assert calls == [1, 1]  # the head saw one position per row, cached and uncached
+    with pytest.raises(ValueError, match="last_only"):
+        model(idx, idx, last_only=True)

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from minillm.model.transformer import CausalLM
+
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """(B, T) bool, True = real token -> (B, T) positions counting real tokens from 0 (pads get 0)."""
@@ -45,16 +47,19 @@ def prefill(model, tokens: torch.Tensor, cache=None, key_padding_mask: torch.Ten
     key_padding_mask (B, T), True = real token: left-padded rows, each numbered from its first real
     token (the cache remembers the padding for the decode steps). cache None: no cache, the whole
     context runs every time — what an uncached loop calls on every step."""
+    last = {"last_only": True} if isinstance(model, CausalLM) else {}  # the head for one position, not T
     if cache is None:
         if key_padding_mask is None:  # every row starts at position 0: the plainest call, model(idx)
-            logits, _ = model(tokens)
+            logits, _ = model(tokens, **last)
         else:
             positions = positions_from_mask(key_padding_mask)  # (B, T): each row from its first real token
-            logits, _ = model(tokens, positions=positions, key_padding_mask=key_padding_mask)
+            logits, _ = model(tokens, positions=positions, key_padding_mask=key_padding_mask, **last)
         return logits[:, -1]  # (B, V): the last position predicts the next token
     if key_padding_mask is not None:
         cache.pad_left(key_padding_mask)
-    return extend(model, tokens, cache)[:, -1]
+    positions, kpm = cache.positions_and_mask(tokens.shape[1])  # None, None: the model's defaults
+    logits, _ = model(tokens, positions=positions, key_padding_mask=kpm, cache=cache, **last)
+    return logits[:, -1]  # (B, V)
 
 
 def extend(model, tokens: torch.Tensor, cache) -> torch.Tensor:
