@@ -137,7 +137,7 @@ def test_prefill_decode_step_and_extend_equal_one_whole_forward(kw):
     model = tiny_model(**kw)
     idx, mask = left_pad([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [1, 2, 3, 4]])
     want = full_logits(model, idx, mask)  # (2, 10, V)
-    flat = FlatDecoder.build(model)
+    flat = FlatDecoder.build(model, native=False)
     for f in (None, flat):
         cache = model.new_cache(2)
         with torch.no_grad():

@@ -58,7 +58,7 @@ def test_the_flat_step_of_a_gqa_llama_is_bit_identical_to_the_modules(fused, pad
     model = llama_like()
     if fused:
         for_inference(model)  # F.rms_norm, SDPA with enable_gqa: what the CLI runs
-    flat = FlatDecoder.build(model)
+    flat = FlatDecoder.build(model, native=False)
     assert flat is not None  # RMSNorm, RoPE, GQA and SwiGLU are all flattened, none steps aside
     idx, mask = left_pad([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [1, 2, 3, 4]])
     kpm = mask if padded else None
@@ -81,7 +81,7 @@ def test_flat_greedy_tokens_equal_the_modules_past_block_size():
 
 def test_the_flat_step_makes_fewer_python_calls_and_none_grow_with_the_context():
     model = for_inference(llama_like(n_layer=6))
-    flat = FlatDecoder.build(model)
+    flat = FlatDecoder.build(model, native=False)
     modules, short, long = (calls_per_token(model, None, 8), calls_per_token(model, flat, 8),
                             calls_per_token(model, flat, 80))
     assert short < 0.45 * modules  # measured: 42 calls per layer flat, 121 through the modules
@@ -91,7 +91,7 @@ def test_the_flat_step_makes_fewer_python_calls_and_none_grow_with_the_context()
 
 def test_the_kv_cache_is_written_in_place_during_decoding():
     model = for_inference(llama_like())
-    flat = FlatDecoder.build(model)
+    flat = FlatDecoder.build(model, native=False)
     with torch.inference_mode():
         cache = model.new_cache(2)
         k_ptr, v_ptr = cache.k.data_ptr(), cache.v.data_ptr()
@@ -115,8 +115,8 @@ def test_a_prompt_is_one_forward_and_a_batch_decodes_one_step_per_token(B, T):
 def test_compile_is_an_explicit_switch_that_keeps_the_tokens_and_is_reused():
     pytest.importorskip("torch._dynamo")
     model = for_inference(llama_like(n_layer=2))
-    plain = FlatDecoder.build(model)
-    assert plain.step == plain._step and FlatDecoder.build(model) is not plain  # off: no compiling, no caching
+    plain = FlatDecoder.build(model, native=False)
+    assert plain.step == plain._step and FlatDecoder.build(model, native=False) is not plain  # off: no compiling, no caching
     # Dynamo traces the step; the "eager" backend runs the traced ops as they are (Inductor's fusion,
     # compile=True, takes minutes on a small CPU: measured in bench/flat_compile.py, not here)
     compiled = FlatDecoder.build(model, compile="eager")
@@ -141,7 +141,7 @@ def test_smollm2_decodes_flat_bit_for_bit():
 
     model, tok, _ = load_model(REAL)  # fp32 weights
     for_inference(model)
-    flat = FlatDecoder.build(model)
+    flat = FlatDecoder.build(model, native=False)
     assert flat is not None and len(flat.layers) == 30
     idx = torch.tensor([tok.encode("The capital of France is")])
     with torch.inference_mode():
@@ -160,7 +160,7 @@ def test_a_quantized_embedding_and_head_decode_flat_like_the_modules():
     model = quantize_model(for_inference(llama_like()), "int8", None, include_embeddings=True, include_head=True,
                            backend="reference")
     assert type(model.transformer.tok_emb) is QuantEmbedding
-    flat = FlatDecoder.build(model)
+    flat = FlatDecoder.build(model, native=False)
     idx = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         c1, c2 = model.new_cache(2), model.new_cache(2)

@@ -340,7 +340,7 @@ def test_flat_decode_step_is_bit_identical_to_the_modules(kw, fused):
     model = tiny_model(**kw)
     if fused:
         for_inference(model)
-    flat = FlatDecoder.build(model)
+    flat = FlatDecoder.build(model, native=False)
     assert flat is not None
     idx, mask = left_pad([[3, 4, 5, 6, 7, 8, 9, 10], [1, 2, 3]])  # a padded row: explicit positions
     for padded in (False, True):

@@ -50,7 +50,8 @@ def steps(model, dec, idx, n=12):
     ("int8", None, {"n_kv_head": None}),                # int8 per output channel, plain multi-head
     ("int8", 32, {"bias": True, "n_kv_head": 1}),       # grouped int8 (GGUF's Q8_0), biases, one K/V head
     ("int4", 64, {"tie_weights": True, "norm_eps": 1e-3}),
-], ids=["int4-gqa", "int8-mha", "int8g-bias-mqa", "int4-tied"])
+    (None, None, {"bias": True}),                       # float32 nn.Linear (decode_cpu.c's linear_f32)
+], ids=["int4-gqa", "int8-mha", "int8g-bias-mqa", "int4-tied", "fp32"])
 def test_the_c_step_matches_the_flat_step(B, scheme, group, over):
     model = llama(scheme=scheme, group=group, **over)
     assert why_not(model) == ""
@@ -105,19 +106,27 @@ def test_steps_it_cannot_take_run_in_python():
 
 @needs_kernel
 @pytest.mark.parametrize("over,reason", [
-    ({"scheme": None}, "QuantLinear on the 'cpu' backend"),
     ({"activation": "gelu"}, "SwiGLU"),
     ({"norm": "layernorm"}, "RMSNorm"),
     ({"positional": "learned"}, "rotary"),
     ({"sliding_window": 8}, "sliding window"),
-], ids=["float", "gelu", "layernorm", "learned", "window"])
+], ids=["gelu", "layernorm", "learned", "window"])
 def test_models_it_does_not_know_are_named_and_left_to_python(over, reason):
     model = llama(**over)
     assert reason in why_not(model)
     assert type(FlatDecoder.build(model)) is FlatDecoder
 
 
-def test_a_reference_backend_is_not_taken():
+def test_a_reference_backend_bf16_weights_and_lora_are_not_taken():
     model = llama(scheme=None)
     quantize_model(model, "int4", 32, backend="reference")
     assert "on reference" in why_not(model)
+    assert "fp32" in why_not(llama(scheme=None).to(torch.bfloat16))  # the first fp32 check met: a norm
+    model = llama(scheme=None)
+    model.transformer.blocks[1].ffn.up.to(torch.bfloat16)
+    assert "block 1: up is torch.bfloat16" in why_not(model)
+    from minillm.finetune.lora import apply_lora
+
+    model = llama(scheme=None)
+    apply_lora(model, rank=2)
+    assert "LoRA" in why_not(model.eval())

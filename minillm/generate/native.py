@@ -13,8 +13,8 @@ them. Python keeps the two ends: the embedding lookup before, the final norm and
 
 It applies to what it can run exactly as the modules define it (`why_not` checks each, in one line):
 a CausalLM in eval mode without hooks, pre-norm RMSNorm blocks, rotary positions, SwiGLU, causal
-attention without a sliding window, and all five linears of every block QuantLinear on the "cpu"
-backend (int8 or int4, any group). A step whose inputs it does not take (padded rows, a cache of
+attention without a sliding window, and the five linears of every block either QuantLinear on the
+"cpu" backend (int8 or int4, any group) or fp32 nn.Linear (a plain dot per weight row, in C). A step whose inputs it does not take (padded rows, a cache of
 another type or dtype, activations not fp32) runs the FlatDecoder's step instead, for that step.
 
 Not bit for bit: C sums in its own order (RMSNorm's mean, softmax), so logits differ from the flat
@@ -45,6 +45,20 @@ class _DecModel(ctypes.Structure):  # csrc/decode_cpu.c's DecModel
     _fields_ = [("n_layer", ctypes.c_int64), ("C", ctypes.c_int64), ("H", ctypes.c_int64), ("H_kv", ctypes.c_int64),
                 ("D", ctypes.c_int64), ("F", ctypes.c_int64), ("max_pos", ctypes.c_int64),
                 ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("layers", ctypes.c_void_p)]
+
+
+class _FloatLayer:
+    """An fp32 nn.Linear described to C as a QLayer with bits = 32 (decode_cpu.c's linear_f32)."""
+
+    def __init__(self, lin: nn.Linear):
+        from minillm.compress.cpu_kernel import _QLayer
+
+        w = lin.weight.detach().contiguous()
+        b = lin.bias.detach().float().contiguous() if lin.bias is not None else None
+        self.tensors = (w, b)  # kept alive: C holds their addresses
+        self.desc = _QLayer(w.data_ptr(), w.shape[0], w.shape[1], 0, 32, 0, 0, 0, None, None,
+                            b.data_ptr() if b is not None else None)
+        self.addr = ctypes.addressof(self.desc)
 
 
 def _norm(m: nn.Module) -> tuple[torch.Tensor, float] | None:
@@ -80,10 +94,12 @@ def why_not(model: nn.Module) -> str:
             return f"block {i}: the FFN must be SwiGLU"
         for name, lin in (("qkv", attn.qkv), ("proj", attn.proj), ("gate", ffn.gate), ("up", ffn.up),
                           ("down", ffn.down)):
-            if type(lin) is not QuantLinear or lin.backend != "cpu":
-                return (f"block {i}: {name} is {type(lin).__name__}"
-                        f"{'' if type(lin) is not QuantLinear else ' on ' + lin.backend}; every linear must be a "
-                        "QuantLinear on the 'cpu' backend (quantize the model; --backend=cpu)")
+            if type(lin) is QuantLinear and lin.backend != "cpu":
+                return f"block {i}: {name} is a QuantLinear on {lin.backend}; the C step runs the 'cpu' backend"
+            if type(lin) is nn.Linear and (lin.weight.dtype != torch.float32 or not lin.weight.is_cpu):
+                return f"block {i}: {name} is {lin.weight.dtype} on {lin.weight.device}; float linears must be fp32 on CPU"
+            if type(lin) not in (QuantLinear, nn.Linear):
+                return f"block {i}: {name} is a {type(lin).__name__} (e.g. LoRA): only nn.Linear and QuantLinear"
     if not cpu_kernel.available():
         return f"the C kernel is unavailable: {cpu_kernel.why_unavailable()}"
     return ""
@@ -104,7 +120,8 @@ class NativeDecoder:
         layers, self.keep = [], []  # keep: every object whose address the C structures hold
         for block in tr.blocks:
             attn, ffn = block.attn, block.ffn
-            descs = [lin._cpu_layer() for lin in (attn.qkv, attn.proj, ffn.gate, ffn.up, ffn.down)]
+            descs = [lin._cpu_layer() if type(lin) is not nn.Linear else _FloatLayer(lin)
+                     for lin in (attn.qkv, attn.proj, ffn.gate, ffn.up, ffn.down)]
             (w1, e1), (w2, e2) = _norm(block.norm1), _norm(block.norm2)
             w1, w2 = w1.detach().contiguous(), w2.detach().contiguous()
             self.keep += [*descs, w1, w2]

@@ -30,7 +30,7 @@
 #include "quant_cpu.h"
 
 typedef struct {
-    const QLayer *qkv, *proj, *gate, *up, *down;  /* the five quantized linears */
+    const QLayer *qkv, *proj, *gate, *up, *down;  /* the five linears: quantized, or bits = 32 (float32) */
     const float *norm1, *norm2;                   /* RMSNorm weights (C,) */
     float eps1, eps2;
 } DecLayer;
@@ -40,6 +40,50 @@ typedef struct {
     const float *cos, *sin;                       /* (max_pos, D/2): RoPE's angles, pos·θ_i */
     const DecLayer *layers;
 } DecModel;
+
+/* y (M, N) = x (M, K) @ Wᵀ + b for a float32 W (N, K) (QLayer bits = 32, w the weight, s unused): the
+ * float model's linears at decode sizes. Bound by reading W once, like the quantized kernel: each
+ * weight row is dotted with the M activation rows while it sits in L1. Threads take rows. */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static float dot_f32(const float *a, const float *b, int64_t K) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 32 <= K; i += 32)  /* 4 independent sums: the FMA unit never waits on its last result */
+        for (int j = 0; j < 4; j++)
+            acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * j), _mm256_loadu_ps(b + i + 8 * j), acc[j]);
+    __m256 v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    float sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    for (; i < K; i++) sum += a[i] * b[i];
+    return sum;
+}
+#else
+static float dot_f32(const float *a, const float *b, int64_t K) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < K; i++) sum += a[i] * b[i];
+    return sum;
+}
+#endif
+
+static void linear_f32(const QLayer *L, const float *x, int64_t M, float *y, int n_threads) {
+    int64_t N = L->N, K = L->K;
+    const float *W = (const float *)L->w;
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (N * K >= (1 << 16))
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = dot_f32(W + n * K, x + m * K, K) + (L->bias ? L->bias[n] : 0.0f);
+}
+
+/* Every linear of the step: float32 weights here, quantized ones in quant_cpu.c. */
+static int linear(const QLayer *L, const float *x, int64_t M, float *y, int n_threads) {
+    if (L->bits == 32) {
+        linear_f32(L, x, M, y, n_threads);
+        return 0;
+    }
+    return minillm_qlinear(L, x, F32, M, y, n_threads);
+}
 
 static void rms_norm(const float *x, const float *w, float eps, int64_t B, int64_t C, float *out) {
     for (int64_t b = 0; b < B; b++) {
@@ -98,7 +142,7 @@ int minillm_decode_step(const DecModel *m, float *x, int64_t B, int64_t pos, flo
         const DecLayer *L = m->layers + l;
         float *kc = k_cache + l * B * Hkv * T_max * D, *vc = v_cache + l * B * Hkv * T_max * D;
         rms_norm(x, L->norm1, L->eps1, B, C, h);
-        if ((rc = minillm_qlinear(L->qkv, h, F32, B, qkv, n_threads))) break;
+        if ((rc = linear(L->qkv, h, B, qkv, n_threads))) break;
         for (int64_t b = 0; b < B; b++) {
             float *row = qkv + b * QKV;  /* H query heads, then H_kv keys, then H_kv values */
             rope(row, H + Hkv, D, cos, sin);  /* queries and keys together */
@@ -114,13 +158,13 @@ int minillm_decode_step(const DecModel *m, float *x, int64_t B, int64_t pos, flo
             const float *kj = kc + (b * Hkv + j) * T_max * D, *vj = vc + (b * Hkv + j) * T_max * D;
             attend(qkv + b * QKV + hh * D, kj, vj, T, D, scale, p + bh * T, att + b * H * D + hh * D);
         }
-        if ((rc = minillm_qlinear(L->proj, att, F32, B, o, n_threads))) break;
+        if ((rc = linear(L->proj, att, B, o, n_threads))) break;
         for (int64_t i = 0; i < B * C; i++) x[i] += o[i];
         rms_norm(x, L->norm2, L->eps2, B, C, h);
-        if ((rc = minillm_qlinear(L->gate, h, F32, B, g, n_threads))) break;
-        if ((rc = minillm_qlinear(L->up, h, F32, B, u, n_threads))) break;
+        if ((rc = linear(L->gate, h, B, g, n_threads))) break;
+        if ((rc = linear(L->up, h, B, u, n_threads))) break;
         for (int64_t i = 0; i < B * F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];  /* silu(g)·u */
-        if ((rc = minillm_qlinear(L->down, g, F32, B, o, n_threads))) break;
+        if ((rc = linear(L->down, g, B, o, n_threads))) break;
         for (int64_t i = 0; i < B * C; i++) x[i] += o[i];
     }
     free(buf);
