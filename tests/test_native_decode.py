@@ -44,7 +44,7 @@ def steps(model, dec, idx, n=12):
 
 
 @needs_kernel
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("B", [1, 3, 8])
 @pytest.mark.parametrize("scheme,group,over", [
     ("int4", 32, {}),                                   # GQA: 4 query heads share 2 K/V heads
     ("int8", None, {"n_kv_head": None}),                # int8 per output channel, plain multi-head
