@@ -69,7 +69,9 @@ def test_the_flat_step_of_a_gqa_llama_is_bit_identical_to_the_modules(fused, pad
             l1 = decode_step(model, l1.argmax(-1)[:, None], c1)  # the modules
             l2 = decode_step(model, l2.argmax(-1)[:, None], c2, flat)
             assert torch.equal(l1, l2)
-    assert torch.equal(c1.k, c2.k) and torch.equal(c1.v, c2.v)
+    n = c1.length  # the columns written (the rest of a cache is never read, and never initialised)
+    assert c1.length == c2.length and torch.equal(c1.k[..., :n, :], c2.k[..., :n, :])
+    assert torch.equal(c1.v[..., :n, :], c2.v[..., :n, :])
 
 
 def test_flat_greedy_tokens_equal_the_modules_past_block_size():

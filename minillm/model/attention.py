@@ -162,8 +162,11 @@ class KVCache:
         keep = max_len if window is None else min(window - 1 + spare, max_len)
         self.window = window if keep < max_len else None
         shape = (n_layer, batch_size, n_kv_head, keep, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # empty, not zeros: every column is written before it is read (update returns only the
+        # columns < length + T), and zeroing SmolLM2's 2048-token cache (94 MB) cost ~5% of a
+        # 512-token prefill on our 2-core CPU; untouched pages are never even mapped
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0  # tokens already seen (the same for every row; left padding handles ragged prompts)
         self.held = 0  # with a window: how many of the last tokens k, v hold (oldest first)
