@@ -130,3 +130,20 @@ def test_a_reference_backend_bf16_weights_and_lora_are_not_taken():
     model = llama(scheme=None)
     apply_lora(model, rank=2)
     assert "LoRA" in why_not(model.eval())
+
+
+@needs_kernel
+def test_cpu_exact_gives_the_reference_backends_tokens():
+    """backend "cpu-exact": float activations and the reference's Ŵ, so the C step's greedy tokens are
+    those of the modules on the reference backend (which dequantizes Ŵ in PyTorch), not merely close."""
+    from minillm.compress.quant import set_backend
+
+    model = llama(seed=5, scheme="int4", group=32)
+    idx = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(6))
+    want = generate(set_backend(model, "reference"), idx, 24, temperature=0.0, flat_decode=False)
+    set_backend(model, "cpu-exact")
+    assert why_not(model) == "" and type(FlatDecoder.build(model)) is NativeDecoder
+    assert torch.equal(generate(model, idx, 24, temperature=0.0, flat_decode=True), want)
+    got, _ = steps(model, FlatDecoder.build(model), idx)
+    ref, _ = steps(set_backend(model, "reference"), FlatDecoder.build(model, native=False), idx)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

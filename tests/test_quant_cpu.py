@@ -184,7 +184,7 @@ def test_cpu_backend_in_quant_linear_and_model():
     with torch.no_grad():
         y, r = ql(x), F.linear(x, ql.dequantized_weight(), ql.bias)
     assert y.shape == ref.shape and (y - r).abs().max() < 0.05 * r.abs().max()
-    assert default_backend("cpu") == "cpu"
+    assert default_backend("cpu") == ("cpu-exact" if cpu_kernel.exact_is_fast() else "cpu")
     model = set_backend(quantize_model(tiny_model(), "int8", include_head=True, include_embeddings=True), "cpu")
     assert {m.backend for m in model.modules() if isinstance(m, QuantLinear)} == {"cpu"}
     idx = torch.randint(0, 96, (1, 9))
@@ -201,7 +201,7 @@ def test_cpu_backend_in_quant_linear_and_model():
 def test_a_quantized_checkpoint_loads_on_the_cpu_backend(tmp_path):
     save_model(tmp_path / "q", quantize_model(tiny_model(), "int4", 32))
     model = load_model(tmp_path / "q")[0]
-    assert {m.backend for m in model.modules() if isinstance(m, QuantLinear)} == {"cpu"}
+    assert {m.backend for m in model.modules() if isinstance(m, QuantLinear)} == {default_backend("cpu")}
     assert {m.backend for m in load_model(tmp_path / "q", backend="reference")[0].modules()
             if isinstance(m, QuantLinear)} == {"reference"}
 
@@ -254,3 +254,40 @@ def test_a_compiler_that_fails_is_reported_not_raised():
         pytest.skip("no `false` program to stand in for a broken compiler")
     assert not cpu_kernel.available(cc=false)
     assert "did not compile" in cpu_kernel.why_unavailable(cc=false)
+
+
+# --- exact mode: float activations, Ŵ expanded value for value (backend "cpu-exact") --------------
+
+@needs_kernel
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("M", [1, 3, 15])
+@pytest.mark.parametrize("scheme,G,K", CASES)
+def test_exact_mode_is_the_reference_up_to_the_order_of_sums(scheme, G, K, M, portable):
+    """No 8-bit rounding of x: the answer is x @ Ŵᵀ + b with the reference's Ŵ, to fp32 summation
+    error (a bound ~K·2⁻²⁴·Σ|ŵx|, far below the 8-bit path's ~1e-2). The portable build (no AVX-512
+    tiles: the scalar loop) must agree too."""
+    lib = cpu_kernel._build_and_load(None, [cpu_kernel.FLAGS]) if portable else None
+    t, b = make(scheme, G, K)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(3))
+    W = dequantize(scheme, t["weight_q"], t["scales"], t.get("zeros"), torch.float32).double()  # (N, K)
+    y = cpu_kernel.CpuLayer(t["weight_q"], t["scales"], t.get("zeros"), b, scheme, lib=lib, exact=True)(x)
+    want = x.double() @ W.T + b.double()
+    bound = K * 2.0 ** -23 * (x.double().abs() @ W.abs().T + b.double().abs())
+    assert ((y.double() - want).abs() <= bound).all()
+    approx = cpu_kernel.CpuLayer(t["weight_q"], t["scales"], t.get("zeros"), b, scheme, lib=lib)(x)
+    assert (approx.double() - want).abs().max() > 10 * (y.double() - want).abs().max()  # 8-bit x: coarser
+
+
+@needs_kernel
+def test_cpu_exact_backend_in_quant_linear():
+    torch.manual_seed(0)
+    ql = QuantLinear.from_linear(torch.nn.Linear(96, 40), "int4", 32)
+    x = torch.randn(2, 5, 96, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = F.linear(x.float(), ql.dequantized_weight(), ql.bias)
+        ql.set_backend("cpu-exact")
+        y = ql(x)
+    assert "backend=cpu-exact" in repr(ql) and y.dtype == torch.bfloat16 and y.shape == (2, 5, 40)
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)  # bf16 output: its own rounding
+    with torch.no_grad():
+        torch.testing.assert_close(ql(x.float()), ref, rtol=1e-5, atol=1e-5)

@@ -33,7 +33,7 @@ def test_help_states_threads_backend_and_dequantize(command, capsys):
         main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--threads" in text and "one per physical core" in text
-    assert "{auto,reference,cpu,triton}" in text and "default_backend" in text and "--dequantize" in text
+    assert "{auto,reference,cpu,cpu-exact,triton}" in text and "default_backend" in text and "--dequantize" in text
     assert ("--compile" in text) == (command != "serve")  # the server's engine steps without compiling
 
 

@@ -19,7 +19,7 @@ import inspect
 
 import torch
 
-BACKEND_CHOICES = ("auto", "reference", "cpu", "triton")
+BACKEND_CHOICES = ("auto", "reference", "cpu", "cpu-exact", "triton")
 
 THREADS_HELP = ("CPU threads for PyTorch's ops (default: PyTorch's own choice, one per physical core, "
                 f"here {torch.get_num_threads()}); on a CPU shared with other jobs, fewer threads than "
@@ -27,8 +27,11 @@ THREADS_HELP = ("CPU threads for PyTorch's ops (default: PyTorch's own choice, o
 BACKEND_HELP = ("the matmul of quantized layers (a GGUF file kept quantized, or a `minillm quantize` "
                 "checkpoint): auto = the library's default_backend for the device; reference = "
                 "dequantize each weight matrix in PyTorch, then F.linear (what a student reads); cpu = "
-                "the C kernel over the packed blocks (compiled on first use); triton = the fused Triton "
-                "kernel (CUDA). Float models ignore it")
+                "the C kernel over the packed blocks (compiled on first use), activations rounded to 8 bits "
+                "per block of 32 as llama.cpp does; cpu-exact = the same kernel with float activations and "
+                "each weight expanded to the reference's value (the reference's tokens; auto picks it where "
+                "the CPU has AVX-512, which makes it about as fast); triton = the fused Triton kernel "
+                "(CUDA). Float models ignore it")
 DEQUANTIZE_HELP = ("GGUF files: dequantize every weight to fp32 at load (540 MB for SmolLM2-135M) "
                    "instead of keeping the file's quantized blocks (98 MB for its Q4_1 file), the default")
 COMPILE_HELP = ("run each decode step through torch.compile (minillm/generate/flat.py): fuses the small "

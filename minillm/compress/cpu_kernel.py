@@ -66,6 +66,14 @@ def available(cc: str | None = None) -> bool:
     return load(cc) is not None
 
 
+def exact_is_fast(cc: str | None = None) -> bool:
+    """True when the kernel's exact mode (float activations, backend "cpu-exact") has its SIMD tiles
+    here (AVX-512): then it runs about as fast as the 8-bit-activation mode (SmolLM2 Q4_1 kept, batch 1:
+    144 against 167 tok/s on our 2-core CPU). Without them it runs scalar loops: correct, slow."""
+    lib = load(cc)
+    return bool(lib is not None and lib.minillm_exact_is_simd())
+
+
 def why_unavailable(cc: str | None = None) -> str:
     """One line saying why the CPU kernel cannot run ("" when it can)."""
     load(cc)
@@ -131,6 +139,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.minillm_dequantize.argtypes = [p, i32, i64, i64, i64, p, i32, p, i32, p, i32]
     lib.minillm_dequantize.restype = None
     lib.minillm_has_avx2.restype = i32
+    lib.minillm_exact_is_simd.restype = i32
     lib.minillm_decode_step.argtypes = [p, p, i64, i64, p, p, i64, i32]
     lib.minillm_decode_step.restype = i32
 
@@ -157,7 +166,7 @@ def _cpu_flags() -> str:
 class _QLayer(ctypes.Structure):  # csrc/quant_cpu.h's QLayer, field for field
     _fields_ = [("w", ctypes.c_void_p), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("G", ctypes.c_int64),
                 ("bits", ctypes.c_int32), ("s_type", ctypes.c_int32), ("z_type", ctypes.c_int32),
-                ("pad", ctypes.c_int32), ("s", ctypes.c_void_p), ("z", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("exact", ctypes.c_int32), ("s", ctypes.c_void_p), ("z", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
 
 
 class CpuLayer:
@@ -166,7 +175,9 @@ class CpuLayer:
     It holds the tensors it describes; QuantLinear rebuilds it when one of them is replaced."""
 
     def __init__(self, weight_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 bias: torch.Tensor | None, scheme: str, lib: ctypes.CDLL | None = None):
+                 bias: torch.Tensor | None, scheme: str, lib: ctypes.CDLL | None = None, exact: bool = False):
+        """exact: keep x in float and expand each weight to the reference's value (quant_cpu.c, 3b)
+        instead of rounding x to 8 bits per block: the reference's answer up to the order of the sums."""
         self.lib = lib or load()
         if self.lib is None:
             raise RuntimeError(f"the CPU quantized matmul is unavailable: {why_unavailable()}")
@@ -181,7 +192,7 @@ class CpuLayer:
         self.N, self.K, self.bits = N, K, (8 if scheme == "int8" else 4)
         self.G = K // scales.shape[1] if scales.dim() == 2 else 0  # 0 = int8 per output channel
         self.desc = _QLayer(weight_q.data_ptr(), N, K, self.G, self.bits, _DTYPE_CODE[scales.dtype],
-                            _DTYPE_CODE[z.dtype], 0, scales.data_ptr(), z.data_ptr(),
+                            _DTYPE_CODE[z.dtype], int(exact), scales.data_ptr(), z.data_ptr(),
                             self.bias32.data_ptr() if self.bias32 is not None else None)
         self.addr = ctypes.addressof(self.desc)
 
@@ -214,7 +225,8 @@ class CpuLayer:
 
 
 def quant_matmul_cpu(x: torch.Tensor, weight_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                     bias: torch.Tensor | None, scheme: str, group_size: int | None = None) -> torch.Tensor:
+                     bias: torch.Tensor | None, scheme: str, group_size: int | None = None,
+                     exact: bool = False) -> torch.Tensor:
     """x (..., K) float -> y (..., N) in x's dtype; the tensors as quant_format.py stores them:
     int8: weight_q (N, K) int8, scales (N,) or (N, K/G);  int4: weight_q (N, K/2) uint8, scales/zeros
     (N, K/G). Scales, zeros and bias may each be fp32, bf16 or fp16; the group size is read off the
@@ -223,7 +235,7 @@ def quant_matmul_cpu(x: torch.Tensor, weight_q: torch.Tensor, scales: torch.Tens
         raise ValueError(f"group_size={group_size} does not match scales {tuple(scales.shape)} for K={x.shape[-1]}")
     if x.shape[-1] != weight_q.shape[-1] * (2 if scheme == "int4" else 1):
         raise ValueError(f"x has K={x.shape[-1]} features but weight_q is {tuple(weight_q.shape)} ({scheme})")
-    return CpuLayer(weight_q, scales, zeros, bias, scheme)(x)
+    return CpuLayer(weight_q, scales, zeros, bias, scheme, exact=exact)(x)
 
 
 def _check(x, weight_q, scales, zeros, scheme) -> None:

@@ -34,7 +34,7 @@ from minillm.compress.quant_format import (GROUP_SIZES, SCHEMES, check_group, de
                                            dequantize_int8, pack_int4, quantize, quantize_int4, quantize_int8,
                                            unpack_int4)
 
-BACKENDS = ("reference", "triton", "cpu")
+BACKENDS = ("reference", "triton", "cpu", "cpu-exact")
 
 __all__ = ["BACKENDS", "GROUP_SIZES", "SCHEMES", "QuantEmbedding", "QuantLinear", "default_backend", "dequantize",
            "dequantize_int4", "dequantize_int8", "pack_int4", "quantize", "quantize_int4", "quantize_int8",
@@ -43,11 +43,15 @@ __all__ = ["BACKENDS", "GROUP_SIZES", "SCHEMES", "QuantEmbedding", "QuantLinear"
 
 def default_backend(device: torch.device | str) -> str:
     """The fastest backend that runs here, decided once, here: "triton" for CUDA weights when triton is
-    installed; "cpu" for CPU weights when the C kernel compiles and loads; else "reference"."""
+    installed; for CPU weights, when the C kernel compiles and loads, "cpu-exact" where its exact tiles
+    are compiled in (AVX-512: the reference's answer at nearly the 8-bit path's speed), else "cpu"
+    (8-bit activations, AVX2); else "reference"."""
     if torch.device(device).type == "cpu":
         from minillm.compress import cpu_kernel
 
-        return "cpu" if cpu_kernel.available() else "reference"
+        if not cpu_kernel.available():
+            return "reference"
+        return "cpu-exact" if cpu_kernel.exact_is_fast() else "cpu"
     if torch.device(device).type != "cuda":
         return "reference"
     try:
@@ -65,6 +69,8 @@ class QuantLinear(nn.Module):
     backend "reference": dequantize the whole matrix in PyTorch, then F.linear — what a student reads.
     backend "triton":    minillm.kernels.quant_matmul, dequantizing inside the matmul's load path.
     backend "cpu":       minillm.compress.cpu_kernel, integer dots with 8-bit activations (C, AVX2).
+    backend "cpu-exact": the same C kernel with float activations and Ŵ expanded value for value:
+                         the reference's answer up to the order of the sums (fast with AVX-512).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str,
@@ -125,13 +131,13 @@ class QuantLinear(nn.Module):
                 raise ValueError("backend='triton' runs int8 with one scale per output channel only; "
                                  "grouped int8 (e.g. a GGUF's Q8_0) runs on 'reference' or 'cpu'")
             self._kernel = quant_matmul.quant_matmul
-        if backend == "cpu":
+        if backend in ("cpu", "cpu-exact"):
             from minillm.compress import cpu_kernel
 
             if self.weight_q.device.type != "cpu":
-                raise ValueError("backend='cpu' runs on CPU weights; on CUDA use 'triton' or 'reference'")
+                raise ValueError(f"backend={backend!r} runs on CPU weights; on CUDA use 'triton' or 'reference'")
             if not cpu_kernel.available():  # never a crash: say why once, and stay on the reference
-                warnings.warn(f"backend='cpu' unavailable: {cpu_kernel.why_unavailable()}", stacklevel=2)
+                warnings.warn(f"backend={backend!r} unavailable: {cpu_kernel.why_unavailable()}", stacklevel=2)
                 backend = "reference"
             self._cpu = None  # built on the first call, from the tensors the layer then holds
         self.backend = backend
@@ -144,7 +150,8 @@ class QuantLinear(nn.Module):
                                                         bufs["bias"]):
             from minillm.compress.cpu_kernel import CpuLayer
 
-            self._cpu = CpuLayer(self.weight_q, self.scales, self.zeros, self.bias, self.scheme)
+            self._cpu = CpuLayer(self.weight_q, self.scales, self.zeros, self.bias, self.scheme,
+                                 exact=self.backend == "cpu-exact")
         return self._cpu
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
@@ -161,7 +168,7 @@ class QuantLinear(nn.Module):
             from minillm.compress.quant_grad import quant_linear  # recomputed in the backward, never kept
 
             return quant_linear(x, self)
-        if self.backend == "cpu" and not x.requires_grad:  # (the kernel has no backward)
+        if self.backend[:3] == "cpu" and not x.requires_grad:  # "cpu" or "cpu-exact" (no backward)
             return self._cpu_layer()(x)
         if self.backend == "triton":
             return self._kernel(x, self.weight_q, self.scales, self.zeros, self.bias, self.scheme, self.group_size)
@@ -240,7 +247,7 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int | None = 128, 
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Choose the matmul of every QuantLinear in `model`: "reference", "triton" or "cpu"."""
+    """Choose the matmul of every QuantLinear in `model`: "reference", "triton", "cpu" or "cpu-exact"."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.set_backend(backend)

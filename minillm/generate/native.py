@@ -14,7 +14,7 @@ them. Python keeps the two ends: the embedding lookup before, the final norm and
 It applies to what it can run exactly as the modules define it (`why_not` checks each, in one line):
 a CausalLM in eval mode without hooks, pre-norm RMSNorm blocks, rotary positions, SwiGLU, causal
 attention without a sliding window, and the five linears of every block either QuantLinear on the
-"cpu" backend (int8 or int4, any group) or fp32 nn.Linear (a plain dot per weight row, in C). A step whose inputs it does not take (padded rows, a cache of
+"cpu" or "cpu-exact" backend (int8 or int4, any group) or fp32 nn.Linear (a plain dot per weight row, in C). A step whose inputs it does not take (padded rows, a cache of
 another type or dtype, activations not fp32) runs the FlatDecoder's step instead, for that step.
 
 Not bit for bit: C sums in its own order (RMSNorm's mean, softmax), so logits differ from the flat
@@ -94,8 +94,9 @@ def why_not(model: nn.Module) -> str:
             return f"block {i}: the FFN must be SwiGLU"
         for name, lin in (("qkv", attn.qkv), ("proj", attn.proj), ("gate", ffn.gate), ("up", ffn.up),
                           ("down", ffn.down)):
-            if type(lin) is QuantLinear and lin.backend != "cpu":
-                return f"block {i}: {name} is a QuantLinear on {lin.backend}; the C step runs the 'cpu' backend"
+            if type(lin) is QuantLinear and lin.backend not in ("cpu", "cpu-exact"):
+                return (f"block {i}: {name} is a QuantLinear on {lin.backend}; the C step runs the 'cpu' and "
+                        "'cpu-exact' backends")
             if type(lin) is nn.Linear and (lin.weight.dtype != torch.float32 or not lin.weight.is_cpu):
                 return f"block {i}: {name} is {lin.weight.dtype} on {lin.weight.device}; float linears must be fp32 on CPU"
             if type(lin) not in (QuantLinear, nn.Linear):

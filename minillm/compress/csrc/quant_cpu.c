@@ -279,6 +279,124 @@ static inline __attribute__((always_inline)) void tile_int8(const QLayer *L, int
 }
 #endif
 
+/* --- 3b. exact: x stays float, Ŵ rebuilt value for value -------------------------------------------
+ * With QLayer.exact = 1 the activations are not rounded to 8 bits: each weight is expanded to exactly
+ * the float the reference computes ((q - 8)·s + z, or q·s: two roundings, in that order) and dotted
+ * with x in fp32, so y differs from x @ Ŵᵀ only by the order of the sums (~1e-7 relative). What a GGUF
+ * kept quantized needs to give the greedy tokens of its dequantized fp32 weights.
+ * The trick that makes it cheap on AVX-512: a group has only 16 possible weights, T[q] = (q - 8)·s + z,
+ * one 16-float register built once per row and block; _mm512_permutexvar_ps then looks up 16 codes
+ * in it at once, so expanding a weight costs about what the integer path's unpacking does. x is stored
+ * in the int4 block order (16 even k, then 16 odd k) so that the low and high nibbles meet their x. */
+#if defined(__AVX512F__)
+#define EXACT_SIMD 1
+static inline __attribute__((always_inline)) void tile_int4_exact(const QLayer *L, int64_t n, int64_t M,
+        const float *xs, float *sbuf, float *zbuf, float *out) {
+    int64_t K = L->K, ng = K / L->G, bpg = L->G / QB, nb = K / QB, ldw = K / 2;
+    const float *s = rows_f32(L->s, L->s_type, n, ng, sbuf), *z = rows_f32(L->z, L->z_type, n, ng, zbuf);
+    const uint8_t *w = (const uint8_t *)L->w + n * ldw;
+    const __m512 q8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);  /* q - 8 */
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m512 acc[MAX_M * R];
+    for (int64_t i = 0; i < M * R; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++)
+        for (int r = 0; r < R; r++) {
+            int64_t g = r * ng + b / bpg;
+            __m512 T = _mm512_add_ps(_mm512_mul_ps(q8, _mm512_set1_ps(s[g])), _mm512_set1_ps(z[g]));  /* no FMA */
+            __m128i bytes = _mm_loadu_si128((const __m128i *)(w + r * ldw + b * QB / 2));
+            __m512 we = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low4)), T);  /* even k */
+            __m512 wo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4)), T);
+            for (int64_t m = 0; m < M; m++) {
+                const float *xb = xs + m * K + b * QB;
+                acc[m * R + r] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xb), acc[m * R + r]);
+                acc[m * R + r] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xb + QB / 2), acc[m * R + r]);
+            }
+        }
+    for (int64_t i = 0; i < M * R; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+static inline __attribute__((always_inline)) void tile_int8_exact(const QLayer *L, int64_t n, int64_t M,
+        const float *x, float *sbuf, float *out) {
+    int64_t K = L->K, G = L->G, nfull = K / QB, ng = G ? K / G : 1, bpg = G ? G / QB : 1;
+    const float *s = rows_f32(L->s, L->s_type, n, ng, sbuf);  /* per channel: ng = 1, s[r] */
+    const int8_t *w = (const int8_t *)L->w + n * K;
+    __m512 acc[MAX_M * R];
+    for (int64_t i = 0; i < M * R; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nfull; b++)
+        for (int r = 0; r < R; r++) {
+            __m512 sv = _mm512_set1_ps(s[r * ng + (G ? b / bpg : 0)]);
+            const int8_t *wb = w + r * K + b * QB;
+            __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wb))), sv);
+            __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wb + 16)))),
+                                      sv);
+            for (int64_t m = 0; m < M; m++) {
+                const float *xb = x + m * K + b * QB;
+                acc[m * R + r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[m * R + r]);
+                acc[m * R + r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[m * R + r]);
+            }
+        }
+    for (int64_t m = 0; m < M; m++)
+        for (int r = 0; r < R; r++) {
+            float a = _mm512_reduce_add_ps(acc[m * R + r]);
+            for (int64_t k = nfull * QB; k < K; k++)  /* ragged tail (per channel only) */
+                a += (float)w[r * K + k] * s[r * ng + (G ? k / G : 0)] * x[m * K + k];
+            out[m * R + r] = a;
+        }
+}
+#else
+#define EXACT_SIMD 0
+#endif
+
+/* Portable exact rows (machines without AVX-512, and the last N % R rows): the same Ŵ, summed in order. */
+static float row_exact(const QLayer *L, int64_t n, const float *x) {  /* x in natural order */
+    int64_t K = L->K, G = L->G, ng = G ? K / G : 1;
+    float acc = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        float sg = load_f(L->s, L->s_type, n * ng + (G ? k / G : 0)), wk;
+        if (L->bits == 4) {
+            uint8_t byte = ((const uint8_t *)L->w)[n * (K / 2) + k / 2];
+            float q = (float)(((k % 2) ? byte >> 4 : byte & 0xF) - 8);
+            wk = q * sg + load_f(L->z, L->z_type, n * ng + k / G);
+        } else {
+            wk = (float)((const int8_t *)L->w)[n * K + k] * sg;
+        }
+        acc += wk * x[k];
+    }
+    return acc;
+}
+
+/* y (M, N) with float activations (QLayer.exact). xs: x as fp32, (M, K); for int4 also `xsplit`, the
+ * same rows in the int4 block order. */
+static void qlinear_exact(const QLayer *L, const float *xf, const float *xsplit, int64_t M, float *y, int n_threads) {
+    int64_t N = L->N, K = L->K, ng = L->G ? K / L->G : 1;
+    if (n_threads < 1 || N * K < MIN_PARALLEL) n_threads = 1;
+    #pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t t = 0; t < (N + R - 1) / R; t++) {
+        int64_t n = t * R, rows = N - n < R ? N - n : R;
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_M - 1) {
+            int64_t mc = M - m0 < MAX_M - 1 ? M - m0 : MAX_M - 1;
+            float out[MAX_M * R];
+#if EXACT_SIMD
+            if (rows == R) {
+                float sbuf[R * ng], zbuf[R * ng];
+                if (L->bits == 4) {
+                    if (mc == 1) tile_int4_exact(L, n, 1, xsplit + m0 * K, sbuf, zbuf, out);
+                    else tile_int4_exact(L, n, mc, xsplit + m0 * K, sbuf, zbuf, out);
+                } else {
+                    if (mc == 1) tile_int8_exact(L, n, 1, xf + m0 * K, sbuf, out);
+                    else tile_int8_exact(L, n, mc, xf + m0 * K, sbuf, out);
+                }
+            } else
+#endif
+            for (int64_t m = 0; m < mc; m++)
+                for (int64_t r = 0; r < rows; r++) out[m * R + r] = row_exact(L, n + r, xf + (m0 + m) * K);
+            for (int64_t m = 0; m < mc; m++)
+                for (int64_t r = 0; r < rows; r++)
+                    y[(m0 + m) * N + n + r] = out[m * R + r] + (L->bias ? L->bias[n + r] : 0.0f);
+        }
+    }
+}
+
 /* The portable version, one row (also the last N % R rows of the AVX2 build). */
 static float row_int4(const uint8_t *w, int64_t n, int64_t K, int64_t G, const void *s, int st, const void *z,
                       int zt, const int8_t *xq, const float *d, const float *gsx, const float *gdsq) {
@@ -314,6 +432,20 @@ static float row_int8(const int8_t *w, int64_t n, int64_t K, int64_t G, const vo
 int minillm_qlinear(const QLayer *L, const void *x, int x_type, int64_t M, float *y, int n_threads) {
     int64_t N = L->N, K = L->K, G = L->G, nb = (K + QB - 1) / QB, ng = G ? K / G : 1;
     int split = L->bits == 4;
+    if (L->exact) {  /* x as fp32, and for int4 a copy in the block order (evens, then odds) */
+        float *xf = malloc(sizeof(float) * (size_t)(M * K * (split ? 2 : 1)));
+        if (!xf) return -1;
+        float *xsplit = xf + M * K;
+        for (int64_t i = 0; i < M * K; i++) xf[i] = load_f(x, x_type, i);
+        if (split)
+            for (int64_t i = 0; i < M * K; i++) {
+                int64_t j = i % QB;  /* K % 32 == 0 for int4 */
+                xsplit[i - j + (j % 2) * (QB / 2) + j / 2] = xf[i];
+            }
+        qlinear_exact(L, xf, xsplit, M, y, n_threads);
+        free(xf);
+        return 0;
+    }
     char *scratch = malloc((size_t)M * (nb * QB + nb * sizeof(float) + 2 * ng * sizeof(float)));
     if (!scratch) return -1;
     int8_t *xq = (int8_t *)scratch;
@@ -383,3 +515,4 @@ void minillm_dequantize(const void *w, int bits, int64_t N, int64_t K, int64_t G
 }
 
 int minillm_has_avx2(void) { return USE_AVX2; }
+int minillm_exact_is_simd(void) { return EXACT_SIMD; }  /* 3b's tiles compiled in (AVX-512) */

@@ -11,7 +11,8 @@ enum { F32 = 0, BF16 = 1, F16 = 2 };  /* dtype codes for x, scales and zeros */
  * that a call from Python passes 6 arguments instead of 15: ctypes converts each one, every call. */
 typedef struct {
     const void *w; int64_t N, K, G;     /* codes (N, K) int8 or (N, K/2) uint8; G = 0: int8 per channel */
-    int32_t bits, s_type, z_type, pad;  /* 8 or 4; dtype codes of scales and zeros */
+    int32_t bits, s_type, z_type;       /* 8 or 4; dtype codes of scales and zeros */
+    int32_t exact;                      /* 1: x stays float, Ŵ rebuilt value for value (quant_cpu.c 3b) */
     const void *s, *z; const float *bias;
 } QLayer;
 
