@@ -260,7 +260,7 @@ def test_a_compiler_that_fails_is_reported_not_raised():
 
 @needs_kernel
 @pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
-@pytest.mark.parametrize("M", [1, 3, 15])
+@pytest.mark.parametrize("M", [1, 3, 8, 15])  # 1: whole tiles; 2-8: constant row counts; 15: the loop
 @pytest.mark.parametrize("scheme,G,K", CASES)
 def test_exact_mode_is_the_reference_up_to_the_order_of_sums(scheme, G, K, M, portable):
     """No 8-bit rounding of x: the answer is x @ Ŵᵀ + b with the reference's Ŵ, to fp32 summation

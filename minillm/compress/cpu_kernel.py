@@ -9,6 +9,16 @@ Its only difference from the reference is the rounding of x to 8 bits per block 
 For many rows (prefill), a float GEMM wins over per-row integer dots, so from M = GEMM_MIN_M rows on the kernel
 only expands W to fp32 (in C, in parallel) and PyTorch's GEMM does the rest.
 
+Exact mode (CpuLayer(exact=True), QuantLinear's backend "cpu-exact"): x is not rounded; each weight is
+expanded to exactly the float the reference computes and dotted with x in fp32, so y is the reference's
+answer up to the order of the sums (and a quantized model gives the reference's greedy tokens). With
+AVX-512 a group's 16 possible weights sit in one register and one permute looks up 16 codes, which makes
+it about as fast as the 8-bit path at batch 1 and faster at batch 8 (exact_is_fast(); the figures are
+in docs/guides/real-models.md). Without AVX-512 it runs a scalar loop.
+
+The same library holds csrc/decode_cpu.c: a whole decode step of a Llama-family model (norms, RoPE,
+attention, SwiGLU around these matmuls), driven by minillm/generate/native.py.
+
 How it is built, and why this way:
   * Plain C, compiled by the system's C compiler into a shared library and called through ctypes.
     A PyTorch C++ extension (torch.utils.cpp_extension) would give at::parallel_for, but compiling
@@ -202,6 +212,24 @@ class CpuLayer:
     def describes(self, weight_q, scales, zeros, bias) -> bool:
         w, s, z, b = self.tensors
         return w is weight_q and s is scales and z is zeros and b is bias and w.data_ptr() == self.desc.w
+
+    def bound_call(self):
+        """x -> self(x), leaner, for a decode step (generate/flat.py via QuantLinear.bound_forward): a
+        contiguous fp32 x of fewer than GEMM_MIN_M rows goes straight to C; anything else takes
+        __call__. On the tiny preset a step's matmuls are ~1 µs each, so the checks around them are
+        what a quantized model pays over a float one."""
+        fn, addr, K, N, full = self.lib.minillm_qlinear, self.addr, self.K, self.N, self.__call__
+        threads, empty, f32, gemm_min = torch.get_num_threads, torch.empty, torch.float32, GEMM_MIN_M
+
+        def call(x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+            M = x.numel() // K
+            if x.dtype is not f32 or x.shape[-1] != K or M >= gemm_min or not x.is_contiguous() or not x.is_cpu:
+                return full(x)
+            y = empty(x.shape[:-1] + (N,))
+            if fn(addr, x.data_ptr(), 0, M, y.data_ptr(), threads()):
+                raise MemoryError(f"quant_matmul_cpu: no memory for the quantized activations (M={M}, K={K})")
+            return y
+        return call
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         K, N = self.K, self.N

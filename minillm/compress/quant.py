@@ -154,6 +154,14 @@ class QuantLinear(nn.Module):
                                  exact=self.backend == "cpu-exact")
         return self._cpu
 
+    def bound_forward(self):
+        """x -> self(x) for a decode step (model/layers.py bound_forward, generate/flat.py): on the C
+        backends the kernel's call with this layer's tensors as they are now, without the checks
+        forward makes on every call; forward itself elsewhere."""
+        if self.backend[:3] == "cpu" and not self.weight_q.requires_grad:
+            return self._cpu_layer().bound_call()
+        return self.forward
+
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize(self.scheme, self.weight_q, self.scales, self.zeros, dtype)  # (N, K)
 

@@ -146,8 +146,9 @@ def make_ffn(cfg: ModelConfig) -> nn.Module:
 
 def bound_forward(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> m(x) with m's weights bound now: F.linear / F.layer_norm / F.rms_norm for PyTorch's own
-    layers (exactly what their forward calls), the module's own bound `forward` for anything else
-    (a quantized or LoRA linear, minillm's written-out norms). Forward hooks do not fire: callers
+    layers (exactly what their forward calls), the step a layer binds itself where it has a
+    `bound_forward()` (a QuantLinear on the C backends: the kernel's call, the same bits), the
+    module's own bound `forward` for anything else (a LoRA linear, minillm's written-out norms). Forward hooks do not fire: callers
     check for them (generate/flat.py steps aside when a model has any)."""
     if type(m) is nn.Linear:
         w, b = m.weight, m.bias
@@ -158,6 +159,8 @@ def bound_forward(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     if type(m) is nn.RMSNorm:
         shape, w, eps = m.normalized_shape, m.weight, m.eps
         return lambda x: F.rms_norm(x, shape, w, eps)
+    if hasattr(type(m), "bound_forward"):  # a layer that binds its own step (QuantLinear's C kernel)
+        return m.bound_forward()
     return m.forward
 
 
