@@ -147,3 +147,12 @@ def test_cpu_exact_gives_the_reference_backends_tokens():
     got, _ = steps(model, FlatDecoder.build(model), idx)
     ref, _ = steps(set_backend(model, "reference"), FlatDecoder.build(model, native=False), idx)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_decode_steps_names_the_path_minillm_generate_takes():
+    from minillm.generate.flat import decode_steps
+
+    assert decode_steps(llama(), True) == "C decode steps"
+    assert decode_steps(llama(activation="gelu"), True) == "flat Python steps"
+    assert decode_steps(llama(), False) == "modules" and decode_steps(llama(), "compile") == "compiled flat steps"

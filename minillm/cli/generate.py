@@ -21,6 +21,7 @@ from minillm.cli.run_options import add_run_options, flat_decode, load_options, 
 from minillm.weights.checkpoint import TOKENIZER_FILE, check_finite_forward, find_checkpoint, load_model
 from minillm.data.chat_template import chat_prompt_for
 from minillm.finetune.instruct import format_prompt
+from minillm.generate.flat import decode_steps
 from minillm.generate.sampling import generate_text
 from minillm.generate.speculative import speculative_text
 from minillm.hardware import resolve_device, resolve_dtype
@@ -97,6 +98,7 @@ def cmd_generate(args, overrides: list[str]) -> int:
     dt = time.perf_counter() - t0
     print(f"[{n_tokens} tokens in {dt:.2f} s, {n_tokens / dt:.1f} tokens/s on {device}, "
           f"{'no ' if args.no_cache else ''}KV cache, {threads} thread{'s' if threads != 1 else ''}; "
+          f"{decode_steps(model, kw['flat_decode']) if not args.no_cache else 'no decode steps'}; "
           f"{_source(meta, model)}]",
           file=sys.stderr)
     if args.speculative:

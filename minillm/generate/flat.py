@@ -78,6 +78,17 @@ def _identity(model: nn.Module) -> tuple[int, ...]:
     return tuple(map(id, itertools.chain(model.modules(), model.parameters(), model.buffers())))
 
 
+def decode_steps(model: nn.Module, flat_decode) -> str:
+    """How generate_tokens(flat_decode=...) runs `model`'s decode steps, in words (what `minillm
+    generate` prints): "C decode steps", "flat Python steps", "compiled flat steps" or "modules"."""
+    if not flat_decode:
+        return "modules"
+    if flat_decode == "compile":
+        return "compiled flat steps"
+    dec = FlatDecoder.build(model)
+    return "modules" if dec is None else "C decode steps" if type(dec) is NativeDecoder else "flat Python steps"
+
+
 def _ffn_fn(ffn: nn.Module):
     """The FFN's one-token step: FeedForward binds its own weights; any other FFN runs its forward."""
     return ffn.bound_forward() if type(ffn) is FeedForward else ffn.forward
