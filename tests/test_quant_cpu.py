@@ -258,15 +258,28 @@ def test_a_compiler_that_fails_is_reported_not_raised():
 
 # --- exact mode: float activations, Ŵ expanded value for value (backend "cpu-exact") --------------
 
+def _has_avx2() -> bool:
+    return "avx2" in cpu_kernel._cpu_flags().split() and platform.machine() in ("x86_64", "AMD64")
+
+
+BUILDS = {"native": None,  # this CPU's best (AVX-512 tiles here)
+          "avx2": cpu_kernel.FLAGS + ["-march=haswell", "-fopenmp"],  # AVX2 + FMA only: the 8-lane tiles
+          "portable": cpu_kernel.FLAGS}  # no SIMD: the scalar loop
+
+
 @needs_kernel
-@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("build", list(BUILDS))
 @pytest.mark.parametrize("M", [1, 3, 8, 15])  # 1: whole tiles; 2-8: constant row counts; 15: the loop
 @pytest.mark.parametrize("scheme,G,K", CASES)
-def test_exact_mode_is_the_reference_up_to_the_order_of_sums(scheme, G, K, M, portable):
+def test_exact_mode_is_the_reference_up_to_the_order_of_sums(scheme, G, K, M, build):
     """No 8-bit rounding of x: the answer is x @ Ŵᵀ + b with the reference's Ŵ, to fp32 summation
-    error (a bound ~K·2⁻²⁴·Σ|ŵx|, far below the 8-bit path's ~1e-2). The portable build (no AVX-512
-    tiles: the scalar loop) must agree too."""
-    lib = cpu_kernel._build_and_load(None, [cpu_kernel.FLAGS]) if portable else None
+    error (a bound ~K·2⁻²³·Σ|ŵx|, far below the 8-bit path's ~1e-2), from every build: AVX-512's
+    permute tiles, AVX2's arithmetic ones, the scalar loop."""
+    if build == "avx2" and not _has_avx2():
+        pytest.skip("this CPU has no AVX2")
+    lib = cpu_kernel._build_and_load(None, [BUILDS[build]]) if BUILDS[build] else None
+    if build == "avx2":
+        assert lib.minillm_exact_is_simd() == 1
     t, b = make(scheme, G, K)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(3))
     W = dequantize(scheme, t["weight_q"], t["scales"], t.get("zeros"), torch.float32).double()  # (N, K)

@@ -29,8 +29,8 @@ BACKEND_HELP = ("the matmul of quantized layers (a GGUF file kept quantized, or 
                 "dequantize each weight matrix in PyTorch, then F.linear (what a student reads); cpu = "
                 "the C kernel over the packed blocks (compiled on first use), activations rounded to 8 bits "
                 "per block of 32 as llama.cpp does; cpu-exact = the same kernel with float activations and "
-                "each weight expanded to the reference's value (the reference's tokens; auto picks it where "
-                "the CPU has AVX-512, which makes it about as fast); triton = the fused Triton kernel "
+                "each weight expanded to the reference's value (the reference's tokens, 10-20% slower; auto "
+                "picks it where the CPU has AVX2 or AVX-512); triton = the fused Triton kernel "
                 "(CUDA). Float models ignore it")
 DEQUANTIZE_HELP = ("GGUF files: dequantize every weight to fp32 at load (540 MB for SmolLM2-135M) "
                    "instead of keeping the file's quantized blocks (98 MB for its Q4_1 file), the default")

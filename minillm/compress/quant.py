@@ -42,10 +42,11 @@ __all__ = ["BACKENDS", "GROUP_SIZES", "SCHEMES", "QuantEmbedding", "QuantLinear"
 
 
 def default_backend(device: torch.device | str) -> str:
-    """The fastest backend that runs here, decided once, here: "triton" for CUDA weights when triton is
+    """The backend that runs here, decided once, here: "triton" for CUDA weights when triton is
     installed; for CPU weights, when the C kernel compiles and loads, "cpu-exact" where its exact tiles
-    are compiled in (AVX-512: the reference's answer at nearly the 8-bit path's speed), else "cpu"
-    (8-bit activations, AVX2); else "reference"."""
+    are compiled in (AVX-512 or AVX2: the reference's answer, at 0.9x the 8-bit path's speed with
+    AVX-512 and 0.8x with AVX2 only, SmolLM2 batch 1), else "cpu" (8-bit activations); else
+    "reference". The reference's tokens are worth those 10-20%: `backend="cpu"` is one switch away."""
     if torch.device(device).type == "cpu":
         from minillm.compress import cpu_kernel
 
@@ -70,7 +71,7 @@ class QuantLinear(nn.Module):
     backend "triton":    minillm.kernels.quant_matmul, dequantizing inside the matmul's load path.
     backend "cpu":       minillm.compress.cpu_kernel, integer dots with 8-bit activations (C, AVX2).
     backend "cpu-exact": the same C kernel with float activations and Ŵ expanded value for value:
-                         the reference's answer up to the order of the sums (fast with AVX-512).
+                         the reference's answer up to the order of the sums (AVX-512 or AVX2 tiles).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str,
