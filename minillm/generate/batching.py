@@ -251,8 +251,8 @@ class BatchEngine:
         it does not know; should it fail anyway, the engine serves through the modules."""
         if not self.flat_decode:
             return None
-        try:
-            return FlatDecoder.build(self.model)
+        try:  # native=False: the C step takes a KVCache only, never the engine's per-row cache
+            return FlatDecoder.build(self.model, native=False)
         except Exception:
             log.exception("flat decode steps unavailable; decoding through the modules")
             return None

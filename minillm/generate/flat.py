@@ -125,8 +125,9 @@ class FlatDecoder:
         """A FlatDecoder for `model` now (weights as they are), or None if the modules must run.
 
         native: where NativeDecoder applies (generate/native.py: a Llama-family model whose linears
-        are all QuantLinear on the "cpu" backend), return one instead: the same step, with the layer
-        stack in one C call (not bit for bit: ~1e-6 relative). Ignored with compile.
+        are QuantLinear on a C backend or fp32 nn.Linear; why_not(model) says), return one instead:
+        the same step, with the layer stack in one C call (not bit for bit: ~1e-6 relative).
+        Ignored with compile.
 
         compile: True runs each step through torch.compile with Inductor (see the module docstring:
         not bit for bit, off by default); a string names another torch.compile backend ("eager"

@@ -1,4 +1,4 @@
-"""A decode step whose layer stack runs in C: for a quantized Llama-family model on the CPU backend.
+"""A decode step whose layer stack runs in C, for a Llama-family model on the CPU (quantized or fp32).
 
 FlatDecoder (generate/flat.py) took the module tree out of a decode step; what is left is ~25 small
 PyTorch ops per layer around the matmuls. For SmolLM2-135M kept quantized (30 layers) on our 2-core
@@ -16,8 +16,9 @@ reading 540 MB a token is the bound); docs/guides/real-models.md has the whole t
 It applies to what it can run exactly as the modules define it (`why_not` checks each, in one line):
 a CausalLM in eval mode without hooks, pre-norm RMSNorm blocks, rotary positions, SwiGLU, causal
 attention without a sliding window, and the five linears of every block either QuantLinear on the
-"cpu" or "cpu-exact" backend (int8 or int4, any group) or fp32 nn.Linear (a plain dot per weight row, in C). A step whose inputs it does not take (padded rows, a cache of
-another type or dtype, activations not fp32) runs the FlatDecoder's step instead, for that step.
+"cpu" or "cpu-exact" backend (int8 or int4, any group) or fp32 nn.Linear (a dot per weight row, in
+C). A step whose inputs it does not take (padded rows, a cache of another type or dtype, activations
+not fp32) runs the FlatDecoder's step instead, for that step.
 
 Not bit for bit: C sums in its own order (RMSNorm's mean, softmax), so logits differ from the flat
 step's by ~1e-6 relative; tests/test_native_decode.py holds them close and the greedy tokens equal.
@@ -100,7 +101,8 @@ def why_not(model: nn.Module) -> str:
                 return (f"block {i}: {name} is a QuantLinear on {lin.backend}; the C step runs the 'cpu' and "
                         "'cpu-exact' backends")
             if type(lin) is nn.Linear and (lin.weight.dtype != torch.float32 or not lin.weight.is_cpu):
-                return f"block {i}: {name} is {lin.weight.dtype} on {lin.weight.device}; float linears must be fp32 on CPU"
+                return (f"block {i}: {name} is {lin.weight.dtype} on {lin.weight.device}; float linears must be "
+                        "fp32 on CPU")
             if type(lin) not in (QuantLinear, nn.Linear):
                 return f"block {i}: {name} is a {type(lin).__name__} (e.g. LoRA): only nn.Linear and QuantLinear"
     if not cpu_kernel.available():
@@ -119,7 +121,7 @@ class NativeDecoder:
         self.lib = cpu_kernel.load()
         self.flat = flat
         cfg, tr = model.cfg, model.transformer
-        self.cfg, self.C, self.n_layer = cfg, cfg.n_embd, cfg.n_layer
+        self.cfg = cfg
         layers, self.keep = [], []  # keep: every object whose address the C structures hold
         for block in tr.blocks:
             attn, ffn = block.attn, block.ffn

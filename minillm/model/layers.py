@@ -148,8 +148,9 @@ def bound_forward(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> m(x) with m's weights bound now: F.linear / F.layer_norm / F.rms_norm for PyTorch's own
     layers (exactly what their forward calls), the step a layer binds itself where it has a
     `bound_forward()` (a QuantLinear on the C backends: the kernel's call, the same bits), the
-    module's own bound `forward` for anything else (a LoRA linear, minillm's written-out norms). Forward hooks do not fire: callers
-    check for them (generate/flat.py steps aside when a model has any)."""
+    module's own bound `forward` for anything else (a LoRA linear, minillm's written-out norms).
+    Forward hooks do not fire: callers check for them (generate/flat.py steps aside when a model
+    has any)."""
     if type(m) is nn.Linear:
         w, b = m.weight, m.bias
         return lambda x: F.linear(x, w, b)

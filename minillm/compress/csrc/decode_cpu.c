@@ -46,21 +46,6 @@ typedef struct {
  * float model's linears at decode sizes. Bound by reading W once, like the quantized kernel: each
  * weight row is dotted with the M activation rows while it sits in L1. Threads take rows. */
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-static float dot_f32(const float *a, const float *b, int64_t K) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    int64_t i = 0;
-    for (; i + 32 <= K; i += 32)  /* 4 independent sums: the FMA unit never waits on its last result */
-        for (int j = 0; j < 4; j++)
-            acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * j), _mm256_loadu_ps(b + i + 8 * j), acc[j]);
-    __m256 v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    float sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-    for (; i < K; i++) sum += a[i] * b[i];
-    return sum;
-}
-
 /* Several activation rows (batched decoding): 4 weight rows × FM activation rows per tile, each
  * loaded vector used FM (or 4) times, so the FMA unit rather than the loads sets the pace; the
  * accumulators fill the registers: FM = 2 on AVX2's 16, 4 on AVX-512's 32. One dot per row would
@@ -86,20 +71,13 @@ static inline __attribute__((always_inline)) void tile_f32(const float *W, int64
     }
     for (int64_t m = 0; m < mt; m++)
         for (int r = 0; r < 4; r++) {
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m][r]), _mm256_extractf128_ps(acc[m][r], 1));
-            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            float sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+            float sum = hsum(acc[m][r]);
             for (int64_t i = k; i < K; i++) sum += W[r * K + i] * x[m * K + i];
             out[m][r] = sum;
         }
 }
 #define HAVE_TILE_F32 1
 #else
-static float dot_f32(const float *a, const float *b, int64_t K) {
-    float sum = 0.0f;
-    for (int64_t i = 0; i < K; i++) sum += a[i] * b[i];
-    return sum;
-}
 #define HAVE_TILE_F32 0
 #endif
 
@@ -122,7 +100,7 @@ static void linear_f32(const QLayer *L, const float *x, int64_t M, float *y, int
 #endif
         for (; m < M; m++)  /* one activation row (batch 1: bound by reading W), or the last N % 4 rows */
             for (int64_t r = 0; r < rows; r++)
-                y[m * N + n + r] = dot_f32(W + (n + r) * K, x + m * K, K) + (L->bias ? L->bias[n + r] : 0.0f);
+                y[m * N + n + r] = minillm_dot_f32(W + (n + r) * K, x + m * K, K) + (L->bias ? L->bias[n + r] : 0.0f);
     }
 }
 
@@ -160,7 +138,7 @@ static void attend(const float *q, const float *k, const float *v, int64_t T, in
                    float *p, float *out) {
     float mx = -INFINITY, sum = 0.0f;
     for (int64_t t = 0; t < T; t++) {  /* (a plain loop's sum would stay scalar: C keeps its order) */
-        p[t] = dot_f32(q, k + t * D, D) * scale;
+        p[t] = minillm_dot_f32(q, k + t * D, D) * scale;
         mx = p[t] > mx ? p[t] : mx;
     }
     for (int64_t t = 0; t < T; t++) sum += (p[t] = expf(p[t] - mx));

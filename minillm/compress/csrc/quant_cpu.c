@@ -82,7 +82,6 @@ static inline float load_f(const void *p, int type, int64_t i) {
  * round-half-to-even (cvtps uses the default rounding mode) as the scalar loop below, so xq and d are
  * identical; only Σx is summed in another order. The scalar loop called nearbyintf 32 times a block,
  * a few µs per row that every call of a small layer paid. */
-static inline float hsum(__m256 v);  /* the 8 lanes' sum, in section 2 */
 
 static void quantize_block_f32(const float *x, int split, int8_t *xq, float *db, float *sum, int32_t *isum) {
     __m256 v[4], amax = _mm256_setzero_ps(), vs = _mm256_setzero_ps();
@@ -179,11 +178,6 @@ static inline __m256i dot_u8s8(__m256i a, __m256i b) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
 #endif
 }
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 
 /* --- 3. a tile: R weight rows against all M activation rows ----------------------------------- */
 /* Loop order: block b -> activation row m -> weight row r. A weight block is loaded and unpacked once
@@ -203,14 +197,6 @@ static inline const float *rows_f32(const void *p, int type, int64_t n, int64_t 
     return buf;
 }
 
-static float dot_f32(const float *a, const float *b, int64_t n) {  /* Σ a·b, 8 lanes at a time */
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float sum = hsum(acc);
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
 
 /* out[m·R + r] = Σ_k Ŵ[n+r, k]·x[m, k] for m < M, r < R.  xq (M, nb·QB), d (M, nb), gsx (M, ng). */
 static inline __attribute__((always_inline)) void tile_int4(const QLayer *L, int64_t n, int64_t M,
@@ -241,7 +227,7 @@ static inline __attribute__((always_inline)) void tile_int4(const QLayer *L, int
     }
     for (int64_t m = 0; m < M; m++)
         for (int r = 0; r < R; r++)  /* + Σ_g z_g·Σ_{k in g} x: the zero term, exact Σx */
-            out[m * R + r] = hsum(acc[m * R + r]) + dot_f32(z + r * ng, gsx + m * ng, ng);
+            out[m * R + r] = hsum(acc[m * R + r]) + minillm_dot_f32(z + r * ng, gsx + m * ng, ng);
 }
 
 static inline __attribute__((always_inline)) void tile_int8(const QLayer *L, int64_t n, int64_t M,
@@ -435,10 +421,10 @@ static float row_exact(const QLayer *L, int64_t n, const float *x) {  /* x in na
     return acc;
 }
 
-/* y (M, N) with float activations (QLayer.exact). xs: x as fp32, (M, K); for int4 also `xsplit`, the
+/* y (M, N) with float activations (QLayer.exact). xf: x as fp32, (M, K); for int4 also `xsplit`, the
  * same rows in the int4 block order. */
 static void qlinear_exact(const QLayer *L, const float *xf, const float *xsplit, int64_t M, float *y, int n_threads) {
-    int64_t N = L->N, K = L->K, ng = L->G ? K / L->G : 1;
+    int64_t N = L->N, K = L->K;
     if (n_threads < 1 || N * K < MIN_PARALLEL) n_threads = 1;
     #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t t = 0; t < (N + R - 1) / R; t++) {
@@ -448,6 +434,7 @@ static void qlinear_exact(const QLayer *L, const float *xf, const float *xsplit,
             float out[MAX_M * R];
 #if EXACT_SIMD
             if (rows == R) {
+                int64_t ng = L->G ? K / L->G : 1;
                 float sbuf[R * ng], zbuf[R * ng];  /* scales/zeros as fp32 when they are bf16/fp16 */
                 const float *s = rows_f32(L->s, L->s_type, n, ng, sbuf);
                 if (L->bits == 4) {
@@ -468,6 +455,23 @@ static void qlinear_exact(const QLayer *L, const float *xf, const float *xsplit,
                     y[(m0 + m) * N + n + r] = out[m * R + r] + (L->bias ? L->bias[n + r] : 0.0f);
         }
     }
+}
+
+/* Σ a·b (quant_cpu.h): 4 independent sums of 8 lanes, so the FMA unit never waits on its last result,
+ * then 8 lanes at a time, then one by one. */
+float minillm_dot_f32(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float sum = 0.0f;
+#if USE_AVX2
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; i + 32 <= n; i += 32)
+        for (int j = 0; j < 4; j++)
+            acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * j), _mm256_loadu_ps(b + i + 8 * j), acc[j]);
+    for (; i + 8 <= n; i += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[0]);
+    sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+#endif
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
 }
 
 /* The portable version, one row (also the last N % R rows of the AVX2 build). */

@@ -19,4 +19,17 @@ typedef struct {
 /* y (M, N) fp32 = x (M, K) @ Ŵᵀ + b; 0, or -1 without memory for the quantized activations. */
 int minillm_qlinear(const QLayer *L, const void *x, int x_type, int64_t M, float *y, int n_threads);
 
+/* Σ_i a[i]·b[i] over n floats, vectorized where the build has AVX2 (a plain C sum stays scalar: C
+ * keeps its order). The quantized tiles' zero term and decode_cpu.c's float linears and attention. */
+float minillm_dot_f32(const float *a, const float *b, int64_t n);
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static inline float hsum(__m256 v) {  /* the 8 lanes' sum */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 #endif
