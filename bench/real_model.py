@@ -171,11 +171,27 @@ def parse_args(argv=None):
             p.error(f"{what}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     if args.threads < 1 or args.batch < 1:
         p.error("--threads and --batch must be at least 1")
+    from minillm.compress.quant import BACKENDS
+
+    if args.backend is not None and args.backend not in BACKENDS:
+        p.error(f"--backend={args.backend}: choose from {', '.join(BACKENDS)}")
     return args
+
+
+def check_model(name: str) -> None:
+    """A one-line exit, before minutes of loading, when --model names no file."""
+    from minillm.weights.pull import resolve
+
+    try:
+        if not resolve(name).is_file():
+            raise FileNotFoundError(f"--model={name}: no such file, and not a model `minillm pull` knows")
+    except FileNotFoundError as e:  # (a known model not pulled yet: resolve's message says how)
+        raise SystemExit(f"python -m bench.real_model: error: {e}") from None
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_model(args.model)
     records = run(args)
     out = Path(args.out or f"bench/results/real-model-cpu-{time.strftime('%Y-%m-%d')}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)

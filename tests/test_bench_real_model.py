@@ -116,8 +116,11 @@ def test_options_are_checked_at_start(capsys):
     assert parse_args(["--quick"]).new_tokens == 8 and parse_args([]).new_tokens == 128
     assert parse_args(["--quick", "--rounds=2"]).rounds == 2
     assert parse_args(["--only=int4,fp32"]).only == ["int4", "fp32"] and set(parse_args([]).only) == set(KEYS)
-    for bad in (["--only=fp32,int3"], ["--parts=speed,vibes"], ["--threads=0"]):
+    for bad in (["--only=fp32,int3"], ["--parts=speed,vibes"], ["--threads=0"], ["--backend=bogus"]):
         with pytest.raises(SystemExit) as e:
             parse_args(bad)
         assert e.value.code == 2
-    assert "unknown int3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown int3" in err and "--backend=bogus: choose from" in err and "cpu-exact" in err
+    with pytest.raises(SystemExit, match="--model=/nonexistent.gguf: no such file"):
+        main(["--model=/nonexistent.gguf", "--quick"])  # one line, before any loading
